@@ -1,0 +1,48 @@
+"""``steerplug <command>``: a thin map from subcommands onto library functions.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``; modules
+are imported only when their command runs, so ``steerplug --help`` stays fast and the optional
+extras (gradio, lm_eval, fastapi) are needed only by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("steerplug.compare", "answer prompts unsteered and steered, side by side"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerplug", description=__doc__.splitlines()[0])
+    from steerplug import __version__
+
+    parser.add_argument("--version", action="version", version=f"steerplug {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        # Arguments are added lazily (see main) so --help of one command imports only that module.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001
+        module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Installing steering as forward hooks: a context manager, and a handle for use outside ``with``.
+
+Two hooks per installation:
+
+* a pre-hook on the top-level model records, for each forward call, how many positions the KV
+  cache already holds and the attention mask, so the layer hook knows the absolute position of
+  every row it sees (this is what makes steered generation identical with and without the cache);
+* a hook on the hooked layer (output, or input for ``hook_resid_pre``) that selects the positions to
+  steer and replaces them with :func:`steerplug.steering.gradient_steer`'s result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from steerplug.layers import HookPoint
+from steerplug.steering import SteeringConfig, SteeringError, gradient_steer
+
+
+@dataclass
+class CallState:
+    """Per-call facts, written by the top-level pre-hook and read by the layer hook."""
+
+    past_len: int = 0
+    """Positions already in the KV cache before this forward call."""
+    attention_mask: torch.Tensor | None = None
+    """``(B, past_len + T)`` mask of the whole sequence so far, if the caller gave one."""
+    gen_start: int | torch.Tensor | None = None
+    """First position that predicts a new token: ``prompt_len - 1`` in ``generate``; an int or a
+    per-row ``(B,)`` tensor for plain forward calls; None = every position is prompt."""
+    prompt_end: int | torch.Tensor | None = None
+    """End of the prompt (exclusive), for ``positions='prompt'``; None = the whole input."""
+    row_lr: torch.Tensor | None = None
+    """Optional per-row step size ``(B,)`` (0 switches a row off); overrides ``config.lr``."""
+    row_steps: torch.Tensor | None = None
+    """Optional per-row step count ``(B,)``; ``config.steps`` is then the maximum."""
+    steered_positions: int = 0
+    """Running count of positions that were steered (for diagnostics and tests)."""
+
+
+def _past_length(args: tuple, kwargs: dict) -> int:
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None and cache_position.numel():
+        return int(cache_position[0])
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple-of-tuples
+
+
+def _make_call_hook(state: CallState) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.past_len = _past_length(args, kwargs)
+        state.attention_mask = kwargs.get("attention_mask")
+    return hook
+
+
+def _select(state: CallState, config: SteeringConfig, batch: int, seq: int,
+            device: torch.device) -> torch.Tensor | None:
+    """``(B, T)`` bool mask of positions to steer, or None for "all of them" (the lean path)."""
+    past = state.past_len
+    mask = state.attention_mask
+    if config.positions == "generated":
+        start = state.gen_start
+        if start is None:
+            return torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        if isinstance(start, int) and past >= start:
+            return None  # a decode step: every row's new position predicts a new token
+        cols = torch.arange(past, past + seq, device=device)  # (T,)
+        start_t = torch.as_tensor(start, device=device).reshape(-1, 1)  # (B or 1, 1)
+        sel = (cols >= start_t).expand(batch, seq)
+    elif config.positions == "prompt":
+        end = state.prompt_end
+        cols = torch.arange(past, past + seq, device=device)
+        if end is None:
+            sel = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        else:
+            sel = (cols < torch.as_tensor(end, device=device).reshape(-1, 1)).expand(batch, seq)
+    else:
+        if mask is None:
+            return None
+        sel = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] >= past + seq:
+        sel = sel & mask[:, past:past + seq].to(device=device, dtype=torch.bool)
+    return sel
+
+
+def make_steer_fn(grad_fn_for: Callable[[torch.device], Callable[[torch.Tensor], torch.Tensor]],
+                  config: SteeringConfig, state: CallState, point_name: str
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(B, T, D) -> (B, T, D)``: steer the selected positions of one layer activation."""
+
+    def steer(h: torch.Tensor) -> torch.Tensor:
+        B, T, D = h.shape
+        sel = _select(state, config, B, T, h.device)
+        rows = None if sel is None else sel.nonzero(as_tuple=True)  # (N,), (N,)
+        x = h.reshape(B * T, D) if rows is None else h[rows]  # (N, D)
+        if x.shape[0] == 0:
+            return h
+        lr, steps = config.lr, None
+        if state.row_lr is not None or state.row_steps is not None:
+            row_of = (torch.arange(B, device=h.device).repeat_interleave(T) if rows is None
+                      else rows[0])  # (N,) batch row of each selected position
+            if state.row_lr is not None:
+                lr = state.row_lr.to(h.device, torch.float32)[row_of].unsqueeze(-1)  # (N, 1)
+            if state.row_steps is not None:
+                steps = state.row_steps.to(h.device)[row_of].unsqueeze(-1)  # (N, 1)
+        new = gradient_steer(x.float(), grad_fn_for(h.device), config.steps, lr,
+                             normalize=config.normalize, max_delta=config.max_delta, row_steps=steps)
+        if config.check_finite and not torch.isfinite(new).all():
+            raise SteeringError(
+                f"Steering at {point_name} produced NaN or inf activations"
+                f"{'' if torch.isfinite(x).all() else ' (the incoming activations were already non-finite)'}. "
+                "Lower lr or steps, set max_delta, or check the SAE and vector for extreme values."
+            )
+        state.steered_positions += x.shape[0]
+        new = new.to(h.dtype)
+        if rows is None:
+            return new.reshape(B, T, D)
+        out = h.clone()
+        out[rows] = new
+        return out
+
+    return steer
+
+
+def _output_hook(steer: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):  # transformers >= 5
+            return steer(output)
+        return (steer(output[0]),) + tuple(output[1:])  # transformers 4: (hidden, ...)
+    return hook
+
+
+def _input_hook(steer: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if args:
+            return (steer(args[0]),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = steer(kwargs["hidden_states"])
+        return args, kwargs
+    return hook
+
+
+class HookHandle:
+    """Installed steering hooks; :meth:`remove` takes every one of them off (idempotent)."""
+
+    def __init__(self, handles: list[RemovableHandle]):
+        self._handles = handles
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> HookHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def install_hooks(model: nn.Module, point: HookPoint, steer: Callable[[torch.Tensor], torch.Tensor],
+                  state: CallState) -> HookHandle:
+    """Register the call-state pre-hook and the steering hook; returns their handle.
+
+    If registering fails half-way, whatever was registered is removed before the error propagates.
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        handles.append(model.register_forward_pre_hook(_make_call_hook(state), with_kwargs=True))
+        if point.io == "output":
+            handles.append(point.module.register_forward_hook(_output_hook(steer)))
+        else:
+            handles.append(point.module.register_forward_pre_hook(_input_hook(steer), with_kwargs=True))
+    except BaseException:
+        HookHandle(handles).remove()
+        raise
+    return HookHandle(handles)
+
+
+@contextmanager
+def hooks_installed(model: nn.Module, point: HookPoint, steer: Callable[[torch.Tensor], torch.Tensor],
+                    state: CallState) -> Iterator[HookHandle]:
+    """``with hooks_installed(...):`` steering is on; every hook is removed on exit, exceptions included."""
+    handle = install_hooks(model, point, steer, state)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,160 @@
+"""The steering maths as pure tensor functions; no model, no hooks.
+
+Gradient steering minimises ``L(h) = SAE.encode(h) . w`` by a few steps ``h <- h - lr * dL/dh``.
+For the SAEs we support the gradient has a closed form: with ``pre = (h - a*b_dec) @ W_enc + b_enc``
+and ``A(h)`` the set of active features (``pre > 0``; and ``pre > threshold`` for JumpReLU; and among
+the top k for TopK),
+
+    dL/dh = W_enc[:, S] @ (w_S * 1[S in A(h)])        # (D,)
+
+where ``S`` is the support of ``w``. For ReLU and JumpReLU only the ``|S|`` columns of ``W_enc`` are
+ever touched: a 64-feature vector costs ``O(d_model * 64)`` per token and step, whatever ``d_sae``.
+TopK needs the full pre-activations to know which features made the top k.
+
+The closed form needs no autograd, so it runs under ``torch.no_grad`` and ``torch.inference_mode``
+as ``generate`` and lm-eval do. User-supplied losses take the autograd path
+(:func:`autograd_grad`), which leaves inference mode for a cloned tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from steerplug.sae import SparseAutoencoder
+from steerplug.vector import SteeringVector
+
+POSITIONS = ("generated", "prompt", "all")
+
+# A user loss: (h (N, D) float32, sae) -> per-row loss (N,). Steering decreases it.
+Objective = Callable[[torch.Tensor, SparseAutoencoder], torch.Tensor]
+
+
+class SteeringError(RuntimeError):
+    """Steering produced an unusable activation (NaN or inf)."""
+
+
+@dataclass
+class SteeringConfig:
+    """How hard, where and how often to steer."""
+
+    steps: int = 3
+    """Gradient steps per token; 0 leaves the model untouched."""
+    lr: float = 0.25
+    """Step size. With ``normalize=True``: the length of each step as a fraction of ``||h||``."""
+    normalize: bool = True
+    """Normalise each step to ``lr * ||h||`` along the gradient direction, so one ``lr`` works
+    across layers and models whatever the scale of ``W_enc`` and ``w``."""
+    max_delta: float | None = 0.5
+    """Upper bound on ``||h_steered - h|| / ||h||`` per token; None for no bound."""
+    positions: str = "generated"
+    """``generated``: positions that predict new tokens (the last prompt position and every
+    generated one); ``prompt``: the prompt only; ``all``: every position."""
+    check_finite: bool = True
+    """Raise :class:`SteeringError` if a steered activation is NaN or inf."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"SteeringConfig.steps={self.steps!r}: expected an integer >= 0.")
+        if not self.lr >= 0:
+            raise ValueError(f"SteeringConfig.lr={self.lr!r}: expected a number >= 0.")
+        if self.max_delta is not None and not self.max_delta > 0:
+            raise ValueError(f"SteeringConfig.max_delta={self.max_delta!r}: expected > 0 or None.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"SteeringConfig.positions={self.positions!r}: expected one of {POSITIONS}.")
+
+
+class FeatureObjective:
+    """``L(h) = encode(h) . w``, with ``W_enc`` cut down to ``w``'s support, on one device, in float32.
+
+    Build once per (SAE, vector, device); :meth:`loss` and :meth:`grad` are then cheap.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, vector: SteeringVector,
+                 device: torch.device | str | None = None):
+        if vector.d_sae != sae.d_sae:
+            raise ValueError(
+                f"Steering vector has d_sae={vector.d_sae} but the SAE has d_sae={sae.d_sae}: "
+                "they were not built for the same SAE."
+            )
+        device = torch.device(device) if device is not None else sae.W_enc.device
+        idx, vals = vector.support()
+        # Prepared outside inference mode so the tensors can also serve autograd.
+        with torch.inference_mode(False), torch.no_grad():
+            f32 = {"device": device, "dtype": torch.float32}
+            self.arch = sae.cfg.architecture
+            self.k = sae.cfg.k
+            self.support = idx.to(device)  # (S,)
+            self.w = vals.to(**f32)  # (S,)
+            self.b_in = (sae.b_dec.to(**f32) if sae.cfg.apply_b_dec_to_input
+                         else torch.zeros(sae.d_in, **f32))  # (D,)
+            if self.arch == "topk":
+                # TopK needs every pre-activation to know which features made the top k.
+                self.W_full = sae.W_enc.to(**f32)  # (D, F)
+                self.b_full = sae.b_enc.to(**f32)  # (F,)
+                self.W = self.W_full[:, self.support]  # (D, S)
+            else:
+                self.W = sae.W_enc[:, idx.to(sae.W_enc.device)].to(**f32).contiguous()  # (D, S)
+                self.b = sae.b_enc[idx.to(sae.W_enc.device)].to(**f32)  # (S,)
+                self.thr = (sae.threshold[idx.to(sae.W_enc.device)].to(**f32)
+                            if self.arch == "jumprelu" else None)  # (S,)
+
+    def _pre_and_active(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations on the support and whether each is active, both ``(N, S)``."""
+        x = h - self.b_in  # (N, D)
+        if self.arch == "topk":
+            pre_full = x @ self.W_full + self.b_full  # (N, F)
+            top = pre_full.topk(self.k, dim=-1, sorted=False).indices  # (N, k)
+            in_top = torch.zeros_like(pre_full, dtype=torch.bool).scatter_(-1, top, True)
+            pre = pre_full[:, self.support]  # (N, S)
+            return pre, in_top[:, self.support] & (pre > 0)
+        pre = x @ self.W + self.b  # (N, S)
+        active = pre > 0
+        if self.thr is not None:
+            active &= pre > self.thr
+        return pre, active
+
+    def loss(self, h: torch.Tensor) -> torch.Tensor:
+        """``encode(h) . w`` per row, ``(N, D) -> (N,)``."""
+        pre, active = self._pre_and_active(h)
+        return (pre * active) @ self.w
+
+    def grad(self, h: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``dL/dh``, ``(N, D) -> (N, D)``."""
+        _, active = self._pre_and_active(h)
+        return (active * self.w) @ self.W.T
+
+
+def autograd_grad(h: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``d sum(loss_fn(h)) / dh`` by autograd, callable under ``no_grad`` and ``inference_mode``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = h.detach().clone().requires_grad_(True)  # a normal tensor, even from an inference one
+        (g,) = torch.autograd.grad(loss_fn(x).sum(), x)
+    return g
+
+
+def gradient_steer(h: torch.Tensor, grad_fn: Callable[[torch.Tensor], torch.Tensor],
+                   steps: int, lr: float | torch.Tensor, normalize: bool = True,
+                   max_delta: float | None = None,
+                   row_steps: torch.Tensor | None = None) -> torch.Tensor:
+    """Take ``steps`` descent steps on ``h`` ``(N, D)`` float32 and return the new ``(N, D)``.
+
+    ``lr`` may be a float or a per-row ``(N, 1)`` tensor; ``row_steps`` ``(N, 1)`` lets rows stop
+    early (a row with ``row_steps=1`` only takes the first step). Rows whose gradient is zero
+    (no steered feature active) are left exactly as they were.
+    """
+    h0 = h
+    norm0 = h0.norm(dim=-1, keepdim=True) if (normalize or max_delta is not None) else None  # (N, 1)
+    for i in range(steps):
+        g = grad_fn(h)  # (N, D)
+        if normalize:
+            g = g * (norm0 / g.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        step_lr = lr if row_steps is None else lr * (row_steps > i)
+        h = h - step_lr * g
+    if max_delta is not None and steps > 0:
+        delta = h - h0  # (N, D)
+        scale = (max_delta * norm0 / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        h = h0 + delta * scale
+    return h
