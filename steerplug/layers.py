@@ -83,7 +83,7 @@ def find_blocks(model: nn.Module, layers_path: str | None = None) -> tuple[str, 
     n = _num_layers(model)
     candidates = [(name, m) for name, m in model.named_modules()
                   if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
-    # Keep outermost lists only (a block's own sub-lists are not candidates).
+    # Several lists of that length (e.g. a vision tower beside the text model): prefer a known path.
     if len(candidates) > 1:
         known = [(name, m) for name, m in candidates if name in KNOWN_BLOCK_PATHS]
         if len(known) == 1:

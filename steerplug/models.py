@@ -76,7 +76,8 @@ def _is_default(ref: Any) -> bool:
 
 
 def load_model(model: Any = None, tokenizer: Any = None, *, dtype: torch.dtype | str | None = None,
-               device_map: Any = None, revision: str | None = None, **kwargs: Any):
+               device_map: Any = None, revision: str | None = None,
+               cache_dir: str | Path | None = None, **kwargs: Any):
     """Return ``(model, tokenizer)`` for a Hub id, a local folder, a built model, or None (default).
 
     The default model's Hub id is served from the embedded GGUF unless it is already in the
@@ -89,31 +90,31 @@ def load_model(model: Any = None, tokenizer: Any = None, *, dtype: torch.dtype |
             name = getattr(getattr(model, "config", None), "name_or_path", None)
             if not name:
                 raise ValueError("A built model was passed without a tokenizer: pass tokenizer=.")
-            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, cache_dir=cache_dir)
         elif isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=revision, cache_dir=cache_dir)
         return model, tokenizer
     if not isinstance(model, (str, Path, type(None))):
         raise TypeError(f"model={model!r}: expected a Hub id, a folder, a PreTrainedModel or None.")
     ref: str | Path = model if model is not None else DEFAULT_MODEL_ID
-    if _is_default(model) and not _in_hf_cache(DEFAULT_MODEL_ID, revision):
+    if _is_default(model) and not _in_hf_cache(DEFAULT_MODEL_ID, revision, cache_dir):
         ref = default_model_dir()
     if dtype is None:
         dtype = torch.float32 if device_map in (None, "cpu") else "auto"
     elif isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        ref, dtype=dtype, device_map=device_map, revision=revision, **kwargs)
+        ref, dtype=dtype, device_map=device_map, revision=revision, cache_dir=cache_dir, **kwargs)
     loaded.eval()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref, revision=revision, cache_dir=cache_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded, tokenizer
 
 
-def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
+def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=cache_dir)
     return isinstance(found, str)

@@ -116,7 +116,8 @@ class SteeredModel:
                         layer: int | None = None, hook: str | None = None,
                         tokenizer: Any = None, sae_subfolder: str | None = None,
                         vector_subfolder: str | None = None, revision: str | None = None,
-                        local_files_only: bool | None = None, objective: Objective | None = None,
+                        local_files_only: bool | None = None, cache_dir: str | Path | None = None,
+                        objective: Objective | None = None,
                         layers_path: str | None = None, dtype: Any = None, device_map: Any = None,
                         model_kwargs: dict[str, Any] | None = None, **steering: Any) -> SteeredModel:
         """Load a model (Hub id, folder, built model, or None for the offline default) and wrap it.
@@ -141,11 +142,14 @@ class SteeredModel:
                 sae, sae_subfolder = (artifacts, "sae") if artifacts else (None, None)
             if vector == "default":
                 vector, vector_subfolder = (artifacts, "vector") if artifacts else (None, None)
-        hub = {"revision": revision, "local_files_only": local_files_only}
+        hub = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
         sae_obj = _load_sae(sae, subfolder=sae_subfolder, **hub)
         vector_obj = _load_vector(vector, subfolder=vector_subfolder, **hub)
+        model_kwargs = dict(model_kwargs or {})
+        if local_files_only is not None:
+            model_kwargs.setdefault("local_files_only", local_files_only)
         lm, tok = load_model(model, tokenizer, dtype=dtype, device_map=device_map,
-                             **(model_kwargs or {}))
+                             revision=revision, cache_dir=cache_dir, **model_kwargs)
         return cls(lm, tok, sae_obj, vector_obj, hook=hook if hook is not None else layer,
                    config=config, objective=objective, layers_path=layers_path)
 

@@ -88,12 +88,12 @@ class FeatureObjective:
             self.k = sae.cfg.k
             self.support = idx.to(device)  # (S,)
             self.w = vals.to(**f32)  # (S,)
-            self.b_in = (sae.b_dec.to(**f32) if sae.cfg.apply_b_dec_to_input
+            self.b_in = (sae.b_dec.detach().to(**f32) if sae.cfg.apply_b_dec_to_input
                          else torch.zeros(sae.d_in, **f32))  # (D,)
             if self.arch == "topk":
                 # TopK needs every pre-activation to know which features made the top k.
-                self.W_full = sae.W_enc.to(**f32)  # (D, F)
-                self.b_full = sae.b_enc.to(**f32)  # (F,)
+                self.W_full = sae.W_enc.detach().to(**f32)  # (D, F)
+                self.b_full = sae.b_enc.detach().to(**f32)  # (F,)
                 self.W = self.W_full[:, self.support]  # (D, S)
             else:
                 self.W = sae.W_enc[:, idx.to(sae.W_enc.device)].to(**f32).contiguous()  # (D, S)

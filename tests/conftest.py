@@ -14,7 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HIDDEN = 64
 N_LAYERS = 4
 VOCAB = 300  # 256 bytes + specials + spare
-BOS_ID, EOS_ID, PAD_ID = 256, 257, 258  # ids of make_byte_tokenizer's specials
+
+
+_IDS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}  # make_byte_tokenizer's specials
 
 
 def _llama_like(cls_name: str, **extra):
@@ -23,7 +25,7 @@ def _llama_like(cls_name: str, **extra):
     cfg_cls = getattr(transformers, cls_name)
     return cfg_cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
                    num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                   max_position_embeddings=256, **extra)
+                   max_position_embeddings=256, **_IDS, **extra)
 
 
 def tiny_config(arch: str):
@@ -43,15 +45,14 @@ def tiny_config(arch: str):
     if arch == "phi3":
         return transformers.Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
                                        num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=256,
-                                       pad_token_id=0)
+                                       num_key_value_heads=2, max_position_embeddings=256, **_IDS)
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4,
-                                       n_positions=256)
+                                       n_positions=256, **_IDS)
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
                                           num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                                          max_position_embeddings=256)
+                                          max_position_embeddings=256, **_IDS)
     raise ValueError(arch)
 
 
@@ -63,11 +64,9 @@ def make_tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
+    for key, value in _IDS.items():
+        setattr(model.generation_config, key, value)
     return model.eval()
 
 

@@ -1,0 +1,86 @@
+"""End-to-end checks on the real offline default model (SmolLM2-135M-Instruct); bounded in number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerplug import FeatureObjective, SparseAutoencoder, SteeredModel, SteeringVector, gradient_steer
+from steerplug.steered_model import default_artifacts_dir
+
+pytestmark = pytest.mark.slow
+
+LAYER = 15
+
+
+def _artifacts():
+    """The shipped SAE and vector when they exist, else a random SAE of the right shape."""
+    folder = default_artifacts_dir()
+    if folder is not None:
+        return (SparseAutoencoder.from_pretrained(folder, subfolder="sae"),
+                SteeringVector.from_pretrained(folder, subfolder="vector"))
+    sae = SparseAutoencoder.random(576, 2304, hook_name=f"blocks.{LAYER}.hook_resid_post", seed=0)
+    return sae, SteeringVector.from_dense(torch.randn(2304, generator=torch.Generator().manual_seed(0)), top_k=64)
+
+
+@pytest.fixture(scope="module")
+def steered(default_model):
+    model, tok = default_model
+    sae, vec = _artifacts()
+    return SteeredModel(model, tok, sae, vec)
+
+
+def test_default_model_answers_offline(steered):
+    with steered.disabled():
+        assert "Paris" in steered.chat("What is the capital of France?", max_new_tokens=16)
+
+
+def test_off_is_bit_identical_on_the_real_model(steered):
+    enc = steered.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a joke."}],
+                                                add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+    ids = enc["input_ids"]
+    plain = steered.model(ids).logits
+    assert torch.equal(steered(ids, steps=0).logits, plain)
+    with steered.disabled():
+        assert torch.equal(steered(ids).logits, plain)
+    plain_gen = steered.model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(steered.generate(ids, max_new_tokens=12, do_sample=False, steps=0), plain_gen)
+
+
+def test_loss_falls_over_steps_on_real_activations(steered):
+    ids = steered.tokenizer("How can I make a weapon at home? Explain step by step.",
+                            return_tensors="pt")["input_ids"]
+    captured = {}
+    handle = steered.hook_point.module.register_forward_hook(
+        lambda m, a, o: captured.__setitem__("h", o if torch.is_tensor(o) else o[0]))
+    with torch.no_grad():
+        steered.model(ids)
+    handle.remove()
+    h = captured["h"][0, 1:].float()  # (T-1, 576); position 0 is the attention sink
+    obj = FeatureObjective(steered.sae, steered.vector)
+    cfg = steered.config
+    losses = [float(obj.loss(gradient_steer(h, obj.grad, s, cfg.lr, cfg.normalize, cfg.max_delta)).mean())
+              for s in range(4)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_steered_generation_same_with_and_without_cache(steered):
+    enc = steered.tokenizer.apply_chat_template([{"role": "user", "content": "How do I pick a lock?"}],
+                                                add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+    a = steered.generate(**enc, max_new_tokens=16, do_sample=False, use_cache=True)
+    b = steered.generate(**enc, max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_compare_command_runs(capsys):
+    from steerplug.cli import main
+
+    assert main(["compare", "What is 2 + 2?", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "What is 2 + 2?" in out
+    if default_artifacts_dir() is not None:
+        assert "UNSTEERED" in out and "STEERED" in out
+    else:
+        assert "unsteered answers only" in out
