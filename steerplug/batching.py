@@ -1,0 +1,617 @@
+"""Continuous batching for a :class:`~steerplug.SteeredModel`: many requests, one decode loop.
+
+A background thread owns the model. Requests wait in a queue; the thread admits them into the
+running batch between decode steps (prefilling the newcomers together, left-padded, then joining
+their KV cache to the batch's), takes one decode step for every live row, streams each row's new
+text to its caller and drops rows as they finish. Every row carries its own sampling and steering
+settings (per-row ``row_lr`` / ``row_steps`` in :class:`~steerplug.hooks.CallState`), so one
+forward pass serves steered and unsteered requests side by side.
+
+No cross-talk: every per-token operation (attention under the row's own mask and position ids, the
+steering step, sampling with the row's own generator) is row-wise. What batching can change is the
+floating-point summation order inside matrix products (a few 1e-7 in float32), so a greedy answer
+equals the same request served alone except where two logits tie to that precision;
+``tests/test_serve.py`` checks 32 concurrent mixed requests against their solo runs.
+
+Rows join only when the model's KV cache is a plain one (every layer a ``DynamicLayer``, which is
+what a ``DynamicCache`` built without a config holds); models that need another cache type run each
+admitted group to completion before admitting the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from steerplug.hooks import CallState
+from steerplug.steering import POSITIONS
+
+logger = logging.getLogger(__name__)
+
+
+# --- requests and events ------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """One prompt to continue, with its own sampling and steering settings."""
+
+    prompt_ids: list[int]
+    """Token ids of the prompt (chat template already applied)."""
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens."""
+    temperature: float = 0.0
+    """0 = greedy; otherwise softmax temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    seed: int | None = None
+    """Seed of this row's sampling generator (None: drawn from the global generator)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer (not included in it)."""
+    steps: int = 0
+    """Steering steps per token; 0 = unsteered."""
+    lr: float = 0.0
+    """Steering step size; 0 = unsteered."""
+    positions: str = "generated"
+    """Which positions to steer (see :class:`~steerplug.steering.SteeringConfig`)."""
+    trace: bool = False
+    """Report, per generated token, the feature score before/after steering and the top features."""
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        if not self.prompt_ids:
+            raise ValueError("GenerationRequest.prompt_ids is empty: expected at least one token.")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"GenerationRequest.max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1.")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"GenerationRequest.temperature={self.temperature!r}: expected a number in [0, 100].")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationRequest.top_p={self.top_p!r}: expected a number in (0, 1].")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"GenerationRequest.steps={self.steps!r}: expected an integer >= 0.")
+        if not self.lr >= 0:
+            raise ValueError(f"GenerationRequest.lr={self.lr!r}: expected a number >= 0.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"GenerationRequest.positions={self.positions!r}: expected one of {POSITIONS}.")
+        self.stop = tuple(s for s in self.stop if s)
+
+    @property
+    def steered(self) -> bool:
+        return self.steps > 0 and self.lr > 0
+
+
+@dataclass
+class TokenTrace:
+    """Diagnostics for one generated token, at the position that predicted it."""
+
+    score_before: float
+    """``encode(h) . w`` of the activation before steering."""
+    score_after: float
+    """``encode(h) . w`` after steering (equal to before for an unsteered row)."""
+    top_features: list[tuple[int, float]]
+    """The most active SAE features after steering, ``(index, activation)``, largest first."""
+    top_features_before: list[tuple[int, float]]
+    """The same before steering."""
+
+
+@dataclass
+class TokenEvent:
+    """A generated token and the text it adds (may be empty while a character is incomplete)."""
+
+    token_id: int
+    text: str
+    trace: TokenTrace | None = None
+
+
+@dataclass
+class FinishEvent:
+    """The end of a request."""
+
+    finish_reason: str
+    """``stop`` (end-of-sequence token or stop string), ``length`` or ``cancelled``."""
+    text: str
+    """The whole answer."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    """Generation failed; the exception that ended it."""
+
+    error: BaseException
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass
+class Completion:
+    """The collected result of one request (see :meth:`RequestStream.result`)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    traces: list[TokenTrace | None]
+
+
+class RequestStream:
+    """A submitted request: iterate it (sync or async) for events, or call :meth:`result`."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self.cancelled = False
+        self._loop = loop
+        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._queue: queue.Queue | None = None if loop is not None else queue.Queue()
+
+    def _put(self, event: Event) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                self.cancelled = True
+        else:
+            self._queue.put(event)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its row leaves the batch at the next step)."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise TypeError("This stream was submitted with an event loop: use 'async for'.")
+        while True:
+            event = self._queue.get()
+            yield event
+            if not isinstance(event, TokenEvent):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._aqueue is None:
+            raise TypeError("This stream was submitted without an event loop: use 'for'.")
+        while True:
+            event = await self._aqueue.get()
+            yield event
+            if not isinstance(event, TokenEvent):
+                return
+
+    @staticmethod
+    def _collect(events: list[Event], request: GenerationRequest) -> Completion:
+        last = events[-1]
+        if isinstance(last, ErrorEvent):
+            raise last.error
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        return Completion(last.text, [e.token_id for e in tokens], last.finish_reason,
+                          last.prompt_tokens, [e.trace for e in tokens])
+
+    def result(self) -> Completion:
+        """Block until the request finishes; raise its error if it failed."""
+        return self._collect(list(self), self.request)
+
+    async def aresult(self) -> Completion:
+        return self._collect([e async for e in self], self.request)
+
+
+# --- per-row decode state -----------------------------------------------------------------------
+@dataclass
+class _Row:
+    stream: RequestStream
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the answer already sent
+    done: str | None = None  # finish reason once finished
+    text: str = ""
+
+    @property
+    def req(self) -> GenerationRequest:
+        return self.stream.request
+
+
+class BatchEngine:
+    """Serve :class:`GenerationRequest` s from a background thread with continuous batching.
+
+    >>> engine = BatchEngine(steered, max_batch=16).start()
+    >>> engine.submit(GenerationRequest(ids, steps=3, lr=0.3)).result().text
+    """
+
+    def __init__(self, steered: Any, *, max_batch: int = 16, batch_wait_s: float = 0.005,
+                 max_waiting: int | None = None, trace_top_k: int = 5):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r}: expected an integer >= 1.")
+        self.steered = steered
+        self.model = steered.model
+        self.tokenizer = steered.tokenizer
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.max_waiting = max_waiting
+        self.trace_top_k = trace_top_k
+        self.pad_id = self._pad_id()
+        self.eos_ids = self._eos_ids()
+        # transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._waiting: deque[RequestStream] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = {"forward_calls": 0, "max_rows": 0, "requests": 0}
+
+    # --- public API -------------------------------------------------------------------------------
+    def start(self) -> BatchEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="steerplug-batch", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 10) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> BatchEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: GenerationRequest,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Queue ``request``; events go to an asyncio queue on ``loop`` if given, else a thread queue."""
+        stream = RequestStream(request, loop)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("The batch engine is closed.")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise OverflowError(f"{len(self._waiting)} requests are already waiting (max_waiting="
+                                    f"{self.max_waiting}).")
+            self._waiting.append(stream)
+            self._cond.notify_all()
+        if self._thread is None:
+            self.start()
+        return stream
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        """Submit and wait (the request may share its batch with others)."""
+        return self.submit(request).result()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _take(self, n: int, positions: str | None) -> list[RequestStream]:
+        """Up to ``n`` waiting requests (with ``positions`` if given), dropping cancelled ones."""
+        taken: list[RequestStream] = []
+        with self._cond:
+            for stream in list(self._waiting):
+                if len(taken) >= n:
+                    break
+                if stream.cancelled:
+                    self._waiting.remove(stream)
+                elif positions is None or stream.request.positions == positions:
+                    positions = stream.request.positions
+                    self._waiting.remove(stream)
+                    taken.append(stream)
+        return taken
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for stream in self._waiting:
+                        stream._put(ErrorEvent(RuntimeError("The batch engine was closed.")))
+                    self._waiting.clear()
+                    return
+            if self.batch_wait_s:
+                time.sleep(self.batch_wait_s)  # let a burst of concurrent requests arrive together
+            first = self._take(self.max_batch, None)
+            if first:
+                self._run(first)
+
+    @torch.inference_mode()
+    def _run(self, streams: list[RequestStream]) -> None:
+        positions = streams[0].request.positions
+        rows: list[_Row] = []
+        cache = mask = pos = last = None
+        newcomers = streams
+        try:
+            while True:
+                if newcomers:
+                    new_rows = [self._new_row(s) for s in newcomers]
+                    n_cache, n_mask, n_pos, n_last = self._prefill(new_rows, positions)
+                    if rows:
+                        cache, mask = _join(cache, mask, n_cache, n_mask)
+                        pos, last = torch.cat([pos, n_pos]), torch.cat([last, n_last])
+                    else:
+                        cache, mask, pos, last = n_cache, n_mask, n_pos, n_last
+                    rows += new_rows
+                    self.stats["requests"] += len(new_rows)
+                keep = [i for i, r in enumerate(rows) if r.done is None and not r.stream.cancelled]
+                for r in rows:
+                    if r.done is None and r.stream.cancelled:
+                        r.done = "cancelled"
+                        self._finish(r)
+                if len(keep) < len(rows):
+                    idx = torch.tensor(keep, dtype=torch.long, device=last.device)
+                    rows = [rows[i] for i in keep]
+                    if not rows:
+                        cache = mask = pos = last = None
+                    else:
+                        cache.batch_select_indices(idx)
+                        mask, pos, last = mask[idx], pos[idx], last[idx]
+                        cache, mask = _trim_left(cache, mask)
+                room = self.max_batch - len(rows)
+                newcomers = self._take(room, positions) if room > 0 and _joinable(cache) else []
+                if not rows:
+                    if not newcomers:
+                        return
+                    continue
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B, T + 1)
+                logits, traces = self._forward(rows, last.unsqueeze(-1), mask, pos.unsqueeze(-1),
+                                               cache, positions, prefill_len=None)
+                pos = pos + 1
+                last = self._sample(rows, logits, traces)
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear about it
+            logger.exception("Batch generation failed")
+            for r in rows:
+                if r.done is None:
+                    r.stream._put(ErrorEvent(exc))
+            for s in newcomers:
+                if not any(r.stream is s for r in rows):
+                    s._put(ErrorEvent(exc))
+            if not isinstance(exc, Exception):
+                raise
+
+    def _new_row(self, stream: RequestStream) -> _Row:
+        seed = stream.request.seed
+        gen = None
+        if stream.request.temperature > 0:
+            gen = torch.Generator(device=self.steered.device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return _Row(stream, gen)
+
+    def _prefill(self, rows: list[_Row], positions: str):
+        """Prefill ``rows`` together (left-padded); returns their cache, mask, next positions and
+        first sampled tokens."""
+        from transformers import DynamicCache
+
+        device = self.steered.device
+        lengths = [len(r.req.prompt_ids) for r in rows]
+        T = max(lengths)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
+        for i, r in enumerate(rows):
+            ids[i, T - lengths[i]:] = torch.tensor(r.req.prompt_ids)
+            mask[i, T - lengths[i]:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): every row counts from 0
+        cache = DynamicCache()
+        logits, traces = self._forward(rows, ids, mask, position_ids, cache, positions, prefill_len=T)
+        first = self._sample(rows, logits, traces)
+        pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,)
+        return cache, mask, pos, first
+
+    def _forward(self, rows: list[_Row], ids, mask, position_ids, cache, positions: str,
+                 prefill_len: int | None):
+        """One forward pass with each row's steering; returns last-position logits ``(B, V)`` and
+        per-row traces (or Nones)."""
+        steered = self.steered
+        device = ids.device
+        lr = torch.tensor([r.req.lr if r.req.steered else 0.0 for r in rows], device=device)  # (B,)
+        steps = torch.tensor([r.req.steps if r.req.steered else 0 for r in rows], device=device)
+        max_steps = int(steps.max()) if len(rows) else 0
+        if prefill_len is not None:  # the prompt: steer per `positions` with the usual meaning
+            state = CallState(gen_start=prefill_len - 1, prompt_end=prefill_len)
+        else:  # a decode step: every new position predicts a token, none is prompt
+            state = CallState(gen_start=0, prompt_end=0)
+        state.row_lr, state.row_steps = lr, steps
+        config = replace(steered.config, steps=max_steps, positions=positions)
+        tracing = steered.can_steer and any(r.req.trace for r in rows)
+        captured: dict[str, torch.Tensor] = {}
+        before = _capture(steered.hook_point, "before", captured) if tracing else None
+        try:
+            with steered.steering(state, config):
+                after = _capture(steered.hook_point, "after", captured) if tracing else None
+                try:
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                finally:
+                    if after is not None:
+                        after.remove()
+        finally:
+            if before is not None:
+                before.remove()
+        self.stats["forward_calls"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        logits = out.logits[:, -1].float()  # (B, V)
+        traces: list[TokenTrace | None] = [None] * len(rows)
+        if tracing:
+            traces = self._traces(rows, captured["before"], captured["after"])
+        return logits, traces
+
+    def _traces(self, rows: list[_Row], h_before: torch.Tensor, h_after: torch.Tensor):
+        """Per-row :class:`TokenTrace` for the rows that asked, from ``(B, D)`` activations."""
+        objective = self.steered.feature_objective(h_before.device)
+        sae = self.steered.sae
+        want = [i for i, r in enumerate(rows) if r.req.trace]
+        idx = torch.tensor(want, device=h_before.device)
+        hb, ha = h_before[idx].float(), h_after[idx].float()  # (N, D)
+        sb, sa = objective.loss(hb).tolist(), objective.loss(ha).tolist()
+        p = next(sae.parameters())
+        k = self.trace_top_k
+        fb = sae.encode(hb.to(p.device, p.dtype)).float().topk(k, dim=-1)  # (N, k)
+        fa = sae.encode(ha.to(p.device, p.dtype)).float().topk(k, dim=-1)
+        out: list[TokenTrace | None] = [None] * len(rows)
+        for j, i in enumerate(want):
+            out[i] = TokenTrace(
+                sb[j], sa[j],
+                [(int(f), float(v)) for f, v in zip(fa.indices[j], fa.values[j]) if v > 0],
+                [(int(f), float(v)) for f, v in zip(fb.indices[j], fb.values[j]) if v > 0])
+        return out
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, traces: list) -> torch.Tensor:
+        """Pick each row's next token, emit it, mark finished rows; returns ``(B,)`` tokens."""
+        next_ids = logits.argmax(dim=-1)  # (B,)
+        for i, r in enumerate(rows):
+            if r.req.temperature > 0:
+                next_ids[i] = _sample_row(logits[i], r.req.temperature, r.req.top_p, r.generator)
+        for i, r in enumerate(rows):
+            if r.done is not None:
+                continue
+            self._append(r, int(next_ids[i]), traces[i])
+        return next_ids
+
+    def _append(self, r: _Row, token: int, trace: TokenTrace | None) -> None:
+        if token in self.eos_ids:
+            r.done = "stop"
+            self._finish(r, trace_token=(token, trace))
+            return
+        r.tokens.append(token)
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        cut = _find_stop(text, r.req.stop)
+        if cut is not None:
+            r.text, r.done = text[:cut], "stop"
+        elif len(r.tokens) >= r.req.max_new_tokens:
+            r.text, r.done = text, "length"
+        else:
+            r.text = text
+        if r.done is not None:
+            self._finish(r, trace_token=(token, trace))
+            return
+        # Hold back an incomplete character and anything that could start a stop string.
+        ready = len(text.rstrip("\ufffd"))
+        if r.req.stop:
+            ready = min(ready, len(text) - max(len(s) for s in r.req.stop) + 1)
+        delta = text[r.emitted:ready] if ready > r.emitted else ""
+        r.emitted += len(delta)
+        r.stream._put(TokenEvent(token, delta, trace))
+
+    def _finish(self, r: _Row, trace_token: tuple[int, TokenTrace | None] | None = None) -> None:
+        if trace_token is not None:
+            tail = r.text[r.emitted:]
+            r.emitted = len(r.text)
+            r.stream._put(TokenEvent(trace_token[0], tail, trace_token[1]))
+        r.stream._put(FinishEvent(r.done, r.text, len(r.req.prompt_ids), len(r.tokens)))
+
+    # --- model facts --------------------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        for v in (getattr(self.tokenizer, "pad_token_id", None),
+                  getattr(self.model.generation_config, "pad_token_id", None),
+                  getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(v, int):
+                return v
+        return 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for v in (getattr(self.tokenizer, "eos_token_id", None),
+                  getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return ids
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def _sample_row(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token from ``(V,)`` logits with temperature and nucleus filtering."""
+    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    if top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _capture(point: Any, key: str, into: dict[str, torch.Tensor]):
+    """Hook recording the hook point's last-position activation ``(B, D)`` under ``into[key]``."""
+    def save(h: torch.Tensor) -> None:
+        into[key] = h[:, -1].detach().clone()
+
+    if point.io == "output":
+        def hook(module, args, output):
+            save(output if isinstance(output, torch.Tensor) else output[0])
+        return point.module.register_forward_hook(hook)
+
+    def pre_hook(module, args, kwargs):
+        save(args[0] if args else kwargs["hidden_states"])
+    return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _layers(cache: Any) -> list:
+    return list(getattr(cache, "layers", []))
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can be added to ``cache``: every layer a plain, initialised ``DynamicLayer``."""
+    from transformers.cache_utils import DynamicLayer
+
+    if cache is None:
+        return True
+    layers = _layers(cache)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized
+                                for layer in layers)
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _join(cache_a: Any, mask_a: torch.Tensor, cache_b: Any, mask_b: torch.Tensor):
+    """Stack two batches' caches and masks, left-padding the shorter one; ``(B_a + B_b, T)``."""
+    from transformers import DynamicCache
+
+    T = max(mask_a.shape[1], mask_b.shape[1])
+    pa, pb = T - mask_a.shape[1], T - mask_b.shape[1]
+    data = []
+    for la, lb in zip(_layers(cache_a), _layers(cache_b)):  # keys/values: (B, H, T, d)
+        data.append((torch.cat([_pad_left(la.keys, pa, -2), _pad_left(lb.keys, pb, -2)]),
+                     torch.cat([_pad_left(la.values, pa, -2), _pad_left(lb.values, pb, -2)])))
+    mask = torch.cat([_pad_left(mask_a, pa, 1), _pad_left(mask_b, pb, 1)])
+    return DynamicCache(ddp_cache_data=data), mask
+
+
+def _trim_left(cache: Any, mask: torch.Tensor):
+    """Drop leading columns that no remaining row attends to."""
+    if not _joinable(cache):
+        return cache, mask
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if used.numel() else 0
+    if start == 0:
+        return cache, mask
+    for layer in _layers(cache):
+        layer.keys = layer.keys[:, :, start:]
+        layer.values = layer.values[:, :, start:]
+    return cache, mask[:, start:]
+
+
+def collect_all(engine: BatchEngine, requests: list[GenerationRequest]) -> list[Completion]:
+    """Submit ``requests`` at once and wait for all of them (a convenience for scripts and tests)."""
+    streams = [engine.submit(r) for r in requests]
+    return [s.result() for s in streams]
