@@ -1,0 +1,95 @@
+"""Dataset loaders and scorers for steerplug's lm-eval tasks (``--include_path evals``).
+
+Data paths: task ``metadata`` (``data_dir``, ``hellaswag_path``; pass through ``--metadata`` or
+``TaskManager(metadata=...)``), else ``$STEERPLUG_DATA``, else ``../shared/data`` beside the
+checkout (see :func:`steerplug.data.data_dir`). Always absolute: lm-eval's own ``data_files``
+resolve against the working directory. HellaSwag falls back to lm-eval's Hub dataset
+(``Rowan/hellaswag``) when no local copy is found.
+
+The answers are judged by :func:`steerplug.judge.get_judge` (``$STEERPLUG_JUDGE``; default: refusal
+phrases near the start of a coherent answer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+_JUDGE = None
+
+
+# --- HellaSwag --------------------------------------------------------------------------------
+def _preprocess(text: str) -> str:
+    """lm-eval's HellaSwag cleaning (WikiHow bracket artefacts)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load_hellaswag(hellaswag_path: str | None = None, data_dir: str | None = None,
+                   **_: Any) -> datasets.DatasetDict:
+    """The HellaSwag validation split: the local klosax JSONL (``ctx``, ``endings``, ``label``)
+    if present, else ``Rowan/hellaswag`` from the Hub (``ctx = ctx_a + " " + ctx_b.capitalize()``).
+
+    The klosax ``ctx`` joins ``ctx_a`` and ``ctx_b`` without capitalising ``ctx_b``, so queries differ
+    from upstream lm-eval's in that one letter; accuracies are close but not identical.
+    """
+    path: Path | None = Path(hellaswag_path).expanduser().resolve() if hellaswag_path else None
+    if path is None:
+        try:
+            from steerplug.data import hellaswag_path as local_path
+
+            path = local_path(data_dir).resolve()
+        except FileNotFoundError:
+            path = None
+    if path is not None and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [{"activity_label": r.get("activity_label", ""), "ctx": r["ctx"],
+                 "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
+        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+    hub = datasets.load_dataset("Rowan/hellaswag", split="validation")
+    hub = hub.map(lambda d: {"ctx": d["ctx_a"] + " " + d["ctx_b"].capitalize(),
+                             "label": int(d["label"])})
+    return datasets.DatasetDict({"validation": hub.select_columns(
+        ["activity_label", "ctx", "endings", "label"])})
+
+
+def process_hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    def _doc(d: dict) -> dict:
+        label = d.get("activity_label") or ""
+        return {"query": _preprocess(f"{label}: {d['ctx']}" if label else d["ctx"]),
+                "choices": [_preprocess(e) for e in d["endings"]],
+                "gold": int(d["label"])}
+    return dataset.map(_doc)
+
+
+# --- refusal tasks ----------------------------------------------------------------------------
+def load_prompt_set(prompt_set: str, data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """One of :data:`steerplug.data.PROMPT_SETS` as a ``test`` split (``prompt``, ``category``, ``source``)."""
+    from steerplug.data import load_prompts
+
+    rows = [{"prompt": p.text, "category": p.category or "", "source": p.source, "harmful": p.harmful}
+            for p in load_prompts(prompt_set, data_dir)]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def judge():
+    global _JUDGE
+    if _JUDGE is None:
+        from steerplug.judge import get_judge
+
+        _JUDGE = get_judge()
+    return _JUDGE
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """Refusal (coherent, judged), raw phrase refusal, coherence and fluency of one answer."""
+    answer = results[0]
+    v = judge()(doc["prompt"], answer)
+    return {"refusal": float(v.refusal), "raw_refusal": float(v.raw_refusal),
+            "coherent": float(v.coherent), "repetition": v.repetition, "distinct2": v.distinct2}

@@ -1,0 +1,172 @@
+"""The ``steerplug`` lm-eval model: equal to plain HFLM when steering is off, different when on,
+"generated" positions in loglikelihood as in generation, and the evals/ tasks end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from conftest import make_byte_tokenizer, make_tiny_model  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from steerplug import SparseAutoencoder, SteeredModel, SteeringVector  # noqa: E402
+from steerplug.lm_eval_plugin import SteerplugLM, _keyed_cache_argv, config_hash  # noqa: E402
+
+EVALS = Path(__file__).resolve().parent.parent / "evals"
+
+LL_PAIRS = [("hello there", " world"), ("a", " bcd efg"), ("the cat sat on", " the mat"),
+            ("xyz", "0"), ("one two three four five", " six")]
+PROMPTS = ["hi there", "what is it", "q"]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model = make_tiny_model("llama")
+    tok = make_byte_tokenizer()
+    sae = SparseAutoencoder.random(64, 128, hook_name="blocks.2.hook_resid_post", seed=1)
+    vec = SteeringVector(128, torch.arange(0, 128, 4), torch.ones(32))
+    return model, tok, sae, vec
+
+
+def _lm(parts, **kw):
+    model, tok, sae, vec = parts
+    kw.setdefault("batch_size", 3)
+    return SteerplugLM(pretrained=model, tokenizer=tok, sae=kw.pop("sae", sae),
+                       vector=kw.pop("vector", vec), **kw)
+
+
+def _ll(lm, pairs=LL_PAIRS):
+    return lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)],
+                            disable_tqdm=True)
+
+
+def _gen(lm, prompts=PROMPTS, n=8):
+    return lm.generate_until([Instance("generate_until", {}, (p, {"max_gen_toks": n, "until": []}), i)
+                              for i, p in enumerate(prompts)], disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def plain(parts):
+    model, tok, _, _ = parts
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")
+
+
+@pytest.mark.parametrize("off", [{"steps": 0}, {"sae": None, "vector": None},
+                                 {"intervention": "add", "add_vector": torch.ones(64), "add_scale": 0.0,
+                                  "layer": 2}])
+def test_off_equals_plain_hflm(parts, plain, off):
+    lm = _lm(parts, **off)
+    assert not lm.active
+    assert _ll(lm) == _ll(plain)
+    assert _gen(lm) == _gen(plain)
+
+
+def test_steering_on_changes_loglikelihood_and_generation(parts, plain):
+    lm = _lm(parts, steps=3, lr=0.5)
+    assert lm.active
+    on, base = _ll(lm), _ll(plain)
+    assert len(on) == len(base)
+    assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(on, base))
+    assert _gen(lm, n=12) != _gen(plain, n=12)
+    # the hooks are gone afterwards: the raw model is untouched
+    assert _ll(plain) == base
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt", "all"])
+def test_loglikelihood_steers_as_generation_would(parts, positions):
+    """Each continuation's log-prob equals a SteeredModel forward with prompt_length = len(context)."""
+    model, tok, sae, vec = parts
+    lm = _lm(parts, steps=2, lr=0.5, positions=positions, batch_size=4)
+    got = [ll for ll, _ in _ll(lm)]
+    steered = SteeredModel(model, tok, sae, vec)
+    want = []
+    for ctx, cont in LL_PAIRS:
+        c, x = lm.tok_encode(ctx), lm.tok_encode(cont)
+        ids = torch.tensor([c + x])[:, :-1]
+        with torch.no_grad():
+            logits = steered(ids, prompt_length=len(c), steps=2, lr=0.5, positions=positions).logits
+        logp = torch.log_softmax(logits[0, len(c) - 1:], -1)  # positions predicting the continuation
+        want.append(float(logp.gather(-1, torch.tensor(x).unsqueeze(-1)).sum()))
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_generate_matches_steered_model_generate(parts):
+    model, tok, sae, vec = parts
+    lm = _lm(parts, steps=3, lr=0.5, batch_size=1)
+    steered = SteeredModel(model, tok, sae, vec)
+    ids = torch.tensor([lm.tok_encode("hi there")])
+    out = steered.generate(ids, max_new_tokens=8, do_sample=False, steps=3, lr=0.5,
+                           pad_token_id=tok.pad_token_id)
+    want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert _gen(lm, ["hi there"])[0] == want
+
+
+def test_interventions_and_gate(parts, plain):
+    base = _ll(plain)
+    add = _lm(parts, intervention="add", add_vector=torch.ones(64), add_scale=2.0, positions="all")
+    assert _ll(add) != base
+    clamp = _lm(parts, intervention="clamp", positions="all")
+    assert _ll(clamp) != base
+    closed = _lm(parts, steps=3, lr=0.5, gate_threshold=1e9)  # never fires: plain model
+    assert _ll(closed) == base
+    opened = _lm(parts, steps=3, lr=0.5, gate_threshold=-1e9)  # always fires: ungated steering
+    ungated = [ll for ll, _ in _ll(_lm(parts, steps=3, lr=0.5))]
+    assert [ll for ll, _ in _ll(opened)] == pytest.approx(ungated, abs=1e-5)
+
+
+def test_cli_arguments_are_coerced(parts):
+    lm = _lm(parts, steps="2", lr="0.1", normalize="false", max_delta="none", positions="all")
+    assert lm.steering_config.steps == 2 and lm.steering_config.lr == 0.1
+    assert lm.steering_config.normalize is False and lm.steering_config.max_delta is None
+
+
+def test_cache_path_is_keyed_on_model_args(tmp_path):
+    base = str(tmp_path / "cache" / "x")
+
+    def keyed(args: str) -> str:
+        return _keyed_cache_argv(["--model", "steerplug", "--model_args", args, "--use_cache", base])[-1]
+
+    a, b, c = keyed("steps=3,lr=0.25"), keyed("lr=0.25,steps=3"), keyed("steps=4,lr=0.25")
+    assert a == b and a != c
+    assert a.startswith(base + "-")
+    assert _keyed_cache_argv([f"--use_cache={base}", "--model_args", "steps=3,lr=0.25",
+                              "--model", "steerplug"])[0] == f"--use_cache={a}"
+    assert config_hash({"steps": 3}) != config_hash({"steps": 4})
+    assert _keyed_cache_argv(["--model", "steerplug"]) == ["--model", "steerplug"]
+
+
+def test_tasks_run_end_to_end(parts):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from steerplug.data import data_dir
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    lm = _lm(parts, steps=2, lr=0.5, batch_size=4)
+    tm = TaskManager(include_path=str(EVALS), include_defaults=False)
+    tasks = ["steerplug_hellaswag", "steerplug_jbb_harmful", "steerplug_harmless_test"]
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=2, bootstrap_iters=0,
+                          gen_kwargs="max_gen_toks=4", apply_chat_template=True)
+    res = out["results"]
+    assert 0.0 <= res["steerplug_hellaswag"]["acc_norm,none"] <= 1.0
+    for t in tasks[1:]:
+        assert res[t]["sample_len"] == 2
+        for m in ("refusal", "raw_refusal", "coherent", "repetition", "distinct2"):
+            assert 0.0 <= res[t][f"{m},none"] <= 1.0
+
+
+def test_every_task_yaml_is_indexed():
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(EVALS), include_defaults=False)
+    names = {p.stem for p in EVALS.glob("steerplug_*.yaml")}
+    assert names <= set(tm.all_tasks)
+    assert {"steerplug_harmful", "steerplug_harmless", "steerplug_safety"} <= set(tm.all_tasks)
