@@ -278,6 +278,16 @@ class SparseAutoencoder(nn.Module):
             sae.cfg.metadata.setdefault("source", str(repo_or_path))
         return sae.to(device=device, dtype=dtype) if (device or dtype) else sae
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save to a temporary folder and upload it with a model card; ``kwargs`` go to
+        :func:`steerplug.push.push_to_hub` (``private``, ``token``, ``license``, ...)."""
+        import tempfile
+
+        from steerplug.push import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+
     @classmethod
     def load_saelens_folder(cls, folder: Path) -> SparseAutoencoder:
         cfg = SAEConfig.from_saelens_dict(json.loads((folder / SAE_CONFIG_NAME).read_text()))

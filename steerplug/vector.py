@@ -147,6 +147,16 @@ class SteeringVector:
             return cls(cfg["d_sae"], weights=tensors["weights"], metadata=meta)
         return cls(cfg["d_sae"], tensors["indices"], tensors["values"], metadata=meta)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save to a temporary folder and upload it with a model card; ``kwargs`` go to
+        :func:`steerplug.push.push_to_hub` (``private``, ``token``, ``license``, ...)."""
+        import tempfile
+
+        from steerplug.push import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+
     def __repr__(self) -> str:
         kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
         return f"SteeringVector(d_sae={self.d_sae}, {kind}, hook={self.metadata.hook_name!r})"
