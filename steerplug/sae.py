@@ -28,6 +28,8 @@ from torch import nn
 
 SAE_CONFIG_NAME = "cfg.json"
 SAE_WEIGHTS_NAME = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens cfg.json layout we write (``metadata.sae_lens_version``)."""
 
 ARCHITECTURES = ("relu", "jumprelu", "topk")
 # SAELens calls a plain ReLU SAE "standard".
@@ -104,6 +106,9 @@ class SAEConfig:
                 "hook_head_index": None,
                 "prepend_bos": True,
                 "sae_lens_training_version": None,
+                # SAELens reads a cfg.json without sae_lens_version >= 6 as pre-6 and then looks
+                # for hook_name/model_name at top level, dropping this metadata block.
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
                 "steerplug_version": __version__,
                 **self.metadata,
             },

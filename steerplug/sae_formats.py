@@ -60,6 +60,19 @@ def _is_saelens(folder: Path) -> bool:
     return (folder / SAE_CONFIG_NAME).is_file() and (folder / SAE_WEIGHTS_NAME).is_file()
 
 
+def _read_saelens(folder: Path) -> SparseAutoencoder:
+    raw_cfg = json.loads((folder / SAE_CONFIG_NAME).read_text())
+    if not raw_cfg.get("rescale_acts_by_decoder_norm"):
+        return SparseAutoencoder.load_saelens_folder(folder)
+    # SAELens TopK with rescale_acts_by_decoder_norm: f = topk(pre * |W_dec_i|), decode
+    # (f / |W_dec_i|) @ W_dec. Folding the row norms n into the weights is exact (SAELens's
+    # fold_W_dec_norm): W_enc * n, b_enc * n, W_dec / n.
+    t = load_file(str(folder / SAE_WEIGHTS_NAME))
+    n = t["W_dec"].norm(dim=-1)  # (F,)
+    t.update(W_enc=t["W_enc"] * n, b_enc=t["b_enc"] * n, W_dec=t["W_dec"] / n[:, None])
+    return SparseAutoencoder.from_tensors(SAEConfig.from_saelens_dict(raw_cfg), t)
+
+
 # --- Gemma Scope: params.npz (v1) or params.safetensors (+ config.json, v2) ---------------------
 def _is_gemma_scope(folder: Path) -> bool:
     return (folder / "params.npz").is_file() or (folder / "params.safetensors").is_file()
@@ -335,7 +348,7 @@ def _read_goodfire(folder: Path) -> SparseAutoencoder:
 
 
 READERS: list[SAEReader] = [
-    SAEReader("saelens", _is_saelens, SparseAutoencoder.load_saelens_folder),
+    SAEReader("saelens", _is_saelens, _read_saelens),
     SAEReader("gemma-scope", _is_gemma_scope, _read_gemma_scope),
     SAEReader("sparsify", _is_sparsify, _read_sparsify),
     SAEReader("llama-scope", _is_llama_scope, _read_llama_scope),

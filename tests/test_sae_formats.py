@@ -86,6 +86,23 @@ def test_saelens_v6(tmp_path, arch, apply_b_dec):
     _check(sae, _x(), *_saelens_reference(t, _x(), arch, apply_b_dec, k=5))
 
 
+def test_saelens_v6_topk_rescaled_by_decoder_norm(tmp_path):
+    t = _saelens_tensors("topk", seed=7)
+    t["W_dec"] = t["W_dec"] * torch.linspace(0.2, 3.0, N)[:, None]  # rows of unequal norm
+    cfg = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "architecture": "topk",
+           "k": 5, "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12"}}
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = SparseAutoencoder.from_pretrained(tmp_path)
+    # SAELens TopKSAE: hidden_pre * |W_dec row| -> top k -> relu; decode (f / |W_dec row|) @ W_dec
+    norms = t["W_dec"].norm(dim=-1)
+    pre = ((_x() - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms
+    kth = pre.topk(5, dim=-1).values[..., -1:]
+    f = torch.where(pre >= kth, torch.relu(pre), torch.zeros_like(pre))
+    _check(sae, _x(), f, (f / norms) @ t["W_dec"] + t["b_dec"])
+
+
 @pytest.mark.parametrize("act", ["relu", "topk"])
 def test_saelens_v5_flat_config(tmp_path, act):
     t = _saelens_tensors("standard", seed=10)
@@ -122,6 +139,8 @@ def test_saved_folder_is_saelens6_layout(tmp_path, arch):
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
     assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
     assert cfg["metadata"]["model_name"] == "org/model"
+    # SAELens treats a cfg.json without sae_lens_version >= 6 as pre-6 and drops `metadata`.
+    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
     assert ("k" in cfg) == (arch == "topk") and cfg.get("k", 4) == 4
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
     shapes = {"W_enc": (D, N), "W_dec": (N, D), "b_enc": (N,), "b_dec": (D,)}
