@@ -213,9 +213,11 @@ def _training_section(info: CardInfo) -> list[str]:
         return []
     lines = ["## Training data and configuration", ""]
     if info.datasets:
-        lines += ["Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in info.datasets), ""]
+        links = (f"[{d}](https://huggingface.co/datasets/{d})" for d in info.datasets)
+        lines += ["Data: " + ", ".join(links), ""]
     if meta:
-        lines += ["SAE (`cfg.json` metadata):", "", "```json", json.dumps(meta, indent=2, default=str), "```", ""]
+        lines += ["SAE (`cfg.json` metadata):", "", "```json",
+                  json.dumps(meta, indent=2, default=str), "```", ""]
     if extra:
         lines += ["Steering vector (`steering_vector.json` extra):", "", "```json",
                   json.dumps(extra, indent=2, default=str), "```", ""]

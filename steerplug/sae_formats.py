@@ -209,7 +209,8 @@ _LLAMA_SCOPE_MODELS = {"Llama3_1-8B-Base": "meta-llama/Llama-3.1-8B"}
 
 
 def _is_llama_scope(folder: Path) -> bool:
-    return (folder / "hyperparams.json").is_file() and (folder / "checkpoints" / "final.safetensors").is_file()
+    return ((folder / "hyperparams.json").is_file()
+            and (folder / "checkpoints" / "final.safetensors").is_file())
 
 
 def _read_llama_scope(folder: Path) -> SparseAutoencoder:

@@ -153,7 +153,8 @@ def test_push_keeps_an_existing_card_unless_asked(tmp_path, monkeypatch):
     push_to_hub(folder, "me/vec")
     assert rec.calls[-1][1]["card"] == "hand written\n"
     push_to_hub(folder, "me/vec", overwrite_card=True)
-    assert rec.calls[-1][1]["card"].startswith("---\n") and "library_name: steerplug" in rec.calls[-1][1]["card"]
+    card = rec.calls[-1][1]["card"]
+    assert card.startswith("---\n") and "library_name: steerplug" in card
 
 
 def test_push_refuses_a_broken_artifact_before_touching_the_hub(tmp_path, monkeypatch):

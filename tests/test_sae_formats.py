@@ -423,7 +423,8 @@ def test_load_from_hf_cache_offline(tmp_path):
     cache = tmp_path / "hub"
     snap = _fake_cache(cache, "org/saes")
     # a SAELens SAE and a sparsify SAE side by side in one repo
-    src = SparseAutoencoder.random(D, N, architecture="jumprelu", seed=1, hook_name="blocks.1.hook_resid_post")
+    src = SparseAutoencoder.random(D, N, architecture="jumprelu", seed=1,
+                                   hook_name="blocks.1.hook_resid_post")
     src.save_pretrained(snap / "blocks.1.hook_resid_post")
     _, t = _write_sparsify(snap, "layers.2", k=3)
     sae = SparseAutoencoder.from_pretrained("org/saes", subfolder="blocks.1.hook_resid_post",
@@ -438,7 +439,8 @@ def test_load_from_hf_cache_offline(tmp_path):
 
 
 def test_repo_missing_from_cache_offline_is_clear(tmp_path):
-    with pytest.raises(ArtifactNotFoundError, match=r"'org/absent'.*not in the Hugging Face cache.*hf download org/absent"):
+    with pytest.raises(ArtifactNotFoundError,
+                       match=r"'org/absent'.*not in the Hugging Face cache.*hf download org/absent"):
         SparseAutoencoder.from_pretrained("org/absent", cache_dir=tmp_path, local_files_only=True)
 
 
