@@ -48,6 +48,7 @@ class CardInfo:
     """The vector's steering_vector.json, if the folder has a vector."""
     report: dict[str, Any] | None = None
     report_name: str | None = None
+    """Where the report came from, as the card names it."""
     datasets: list[str] = field(default_factory=list)
     """Hub dataset ids found in the training metadata."""
 
@@ -119,11 +120,15 @@ def _find_report(folder: Path, report: str | Path | None) -> tuple[dict[str, Any
         path = Path(report) if Path(report).is_absolute() or Path(report).exists() else folder / report
         if not path.is_file():
             raise FileNotFoundError(f"Report {report} not found (looked at {path}).")
-        return _read_json(path), path.name
+        try:  # a report inside the folder is uploaded with it; one outside is only quoted
+            name = f"`{path.resolve().relative_to(folder.resolve())}` in this repo"
+        except ValueError:
+            name = f"`{path.name}`"
+        return _read_json(path), name
     for sub in ("", BUNDLE_SAE_DIR, BUNDLE_VECTOR_DIR):
         for name in REPORT_NAMES:
             if (folder / sub / name).is_file():
-                return _read_json(folder / sub / name), str(Path(sub) / name)
+                return _read_json(folder / sub / name), f"`{Path(sub) / name}` in this repo"
     return None, None
 
 
@@ -193,11 +198,11 @@ def _metrics_section(info: CardInfo) -> list[str]:
     if not info.report:
         return []
     rows = _flatten(info.report)
-    lines = ["## Metrics", "", f"From `{info.report_name}` in this repo.", "", "| metric | value |",
+    lines = ["## Metrics", "", f"From {info.report_name}.", "", "| metric | value |",
              "|---|---|"]
     lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in rows[:_MAX_METRIC_ROWS]]
     if len(rows) > _MAX_METRIC_ROWS:
-        lines.append(f"| ... | {len(rows) - _MAX_METRIC_ROWS} more in `{info.report_name}` |")
+        lines.append(f"| ... | {len(rows) - _MAX_METRIC_ROWS} more in {info.report_name} |")
     return lines + [""]
 
 

@@ -85,6 +85,7 @@ def test_sae_card(tmp_path):
     # training configuration, from cfg.json metadata
     assert '"steps": 2000' in body and '"lr": 0.0004' in body
     # metrics, from report.json, nested keys dotted
+    assert "From `report.json` in this repo." in body
     assert "| fve | 0.8312 |" in body and "| l0 | 31.25 |" in body
     assert "| probe.harmful_auc | 0.97 |" in body and "| notes | held-out split |" in body
     # loading: steerplug and SAELens
@@ -117,6 +118,19 @@ def test_bundle_card(tmp_path):
     assert "| refusal_rate.steered | 0.9 |" in body
     assert 'sae_subfolder="sae", vector_subfolder="vector"' in body
     assert 'snapshot_download("me/bundle") + "/sae"' in body
+
+
+def test_card_with_an_explicit_report_outside_the_folder(tmp_path):
+    folder = _vector(tmp_path / "vec")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval_report.json").write_text(json.dumps({"wikitext2_test": {"fve": 0.7}}))
+    (folder / "report.json").write_text(json.dumps({"fve": 0.1}))  # overridden by report=
+    _, body = _front_matter(write_model_card(folder, "me/v", report=tmp_path / "eval" / "eval_report.json")
+                            .read_text())
+    assert "From `eval_report.json`." in body and "| wikitext2_test.fve | 0.7 |" in body
+    assert "| fve | 0.1 |" not in body
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        write_model_card(folder, report="missing.json")
 
 
 def test_not_an_artifact(tmp_path):
