@@ -363,9 +363,12 @@ def read_sae_folder(folder: Path) -> SparseAutoencoder:
     for reader in READERS:
         if reader.detect(folder):
             return reader.read(folder)
-    present = sorted(p.name for p in folder.iterdir())[:20] if folder.is_dir() else []
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    saes = [p.name for p in entries if p.is_dir() and any(r.detect(p) for r in READERS)]
+    hint = (f"It holds SAEs in subfolders: pass subfolder= one of {saes[:20]}." if saes else
+            "If the repo holds several SAEs, pass subfolder= to pick one; otherwise convert to "
+            "SAELens layout (cfg.json + sae_weights.safetensors).")
     raise UnknownSAEFormatError(
-        f"No SAE format recognised in {folder} (files: {present}). Known formats: "
-        f"{[r.name for r in READERS]}. If the repo holds several SAEs, pass subfolder= to pick "
-        "one; otherwise convert to SAELens layout (cfg.json + sae_weights.safetensors)."
+        f"No SAE format recognised in {folder} (files: {[p.name for p in entries[:20]]}). "
+        f"Known formats: {[r.name for r in READERS]}. {hint}"
     )

@@ -460,3 +460,11 @@ def test_unknown_format(tmp_path):
     for reader in READERS:
         assert reader.name in str(e.value)
     assert "weights.bin" in str(e.value)
+
+
+def test_repo_root_of_many_saes_names_the_subfolders(tmp_path):
+    _write_sparsify(tmp_path, "layers.3")
+    _write_sparsify(tmp_path, "layers.7")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UnknownSAEFormatError, match=r"subfolder= one of \['layers.3', 'layers.7'\]"):
+        SparseAutoencoder.from_pretrained(tmp_path)
