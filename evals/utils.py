@@ -12,6 +12,7 @@ phrases near the start of a coherent answer).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -32,12 +33,25 @@ def _preprocess(text: str) -> str:
 
 def load_hellaswag(hellaswag_path: str | None = None, data_dir: str | None = None,
                    **_: Any) -> datasets.DatasetDict:
-    """The HellaSwag validation split: the local klosax JSONL (``ctx``, ``endings``, ``label``)
-    if present, else ``Rowan/hellaswag`` from the Hub (``ctx = ctx_a + " " + ctx_b.capitalize()``).
+    """The HellaSwag validation split, as docs with ``query``, ``choices``, ``gold``: from the
+    local klosax JSONL (``ctx``, ``endings``, ``label``) if present, else ``Rowan/hellaswag`` from
+    the Hub (``ctx = ctx_a + " " + ctx_b.capitalize()``, as lm-eval's own task).
 
     The klosax ``ctx`` joins ``ctx_a`` and ``ctx_b`` without capitalising ``ctx_b``, so queries differ
     from upstream lm-eval's in that one letter; accuracies are close but not identical.
+    Loaded once per process and path (sweeps evaluate many configurations).
     """
+    return _load_hellaswag(hellaswag_path, data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hellaswag(hellaswag_path: str | None, data_dir: str | None) -> datasets.DatasetDict:
+    raw = _read_hellaswag(hellaswag_path, data_dir)
+    docs = [process_hellaswag_doc(d) for d in raw]
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs)})
+
+
+def _read_hellaswag(hellaswag_path: str | None, data_dir: str | None) -> list[dict]:
     path: Path | None = Path(hellaswag_path).expanduser().resolve() if hellaswag_path else None
     if path is None:
         try:
@@ -48,24 +62,18 @@ def load_hellaswag(hellaswag_path: str | None = None, data_dir: str | None = Non
             path = None
     if path is not None and path.is_file():
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = [{"activity_label": r.get("activity_label", ""), "ctx": r["ctx"],
-                 "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
-        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+            return [json.loads(line) for line in f if line.strip()]
     hub = datasets.load_dataset("Rowan/hellaswag", split="validation")
-    hub = hub.map(lambda d: {"ctx": d["ctx_a"] + " " + d["ctx_b"].capitalize(),
-                             "label": int(d["label"])})
-    return datasets.DatasetDict({"validation": hub.select_columns(
-        ["activity_label", "ctx", "endings", "label"])})
+    return [{"activity_label": d["activity_label"], "ctx": d["ctx_a"] + " " + d["ctx_b"].capitalize(),
+             "endings": d["endings"], "label": d["label"]} for d in hub]
 
 
-def process_hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
-    def _doc(d: dict) -> dict:
-        label = d.get("activity_label") or ""
-        return {"query": _preprocess(f"{label}: {d['ctx']}" if label else d["ctx"]),
-                "choices": [_preprocess(e) for e in d["endings"]],
-                "gold": int(d["label"])}
-    return dataset.map(_doc)
+def process_hellaswag_doc(d: dict) -> dict:
+    """lm-eval's HellaSwag doc: ``query`` = "activity: context", cleaned ``choices``, ``gold``."""
+    label = d.get("activity_label") or ""
+    return {"query": _preprocess(f"{label}: {d['ctx']}" if label else d["ctx"]),
+            "choices": [_preprocess(e) for e in d["endings"]],
+            "gold": int(d["label"])}
 
 
 # --- refusal tasks ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("steerplug.compare", "answer prompts unsteered and steered, side by side"),
+    "report": ("steerplug.report", "sweep unsteered / baselines / steering through lm-eval: table + Pareto plot"),
     "serve": ("steerplug.serve", "serve an OpenAI-compatible API with per-request steering"),
     "push": ("steerplug.push", "upload an SAE / steering-vector folder to the Hub with a model card"),
 }

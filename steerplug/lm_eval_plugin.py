@@ -54,7 +54,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,12 @@ class SteerplugLM(HFLM):
                 "steering": asdict(self.steering_config), "intervention": self.intervention.describe(),
                 "active": self.active}
 
+    def set_steering(self, config: SteeringConfig | None = None,
+                     intervention: Intervention | None = None) -> None:
+        """Switch to another steering configuration without reloading the model (for sweeps)."""
+        self.steering_config = config or SteeringConfig(steps=0)
+        self.intervention = intervention or Intervention()
+
     @contextmanager
     def _steer(self, state: CallState) -> Iterator[CallState]:
         if not self.active:
@@ -243,7 +249,7 @@ class SteerplugLM(HFLM):
                         **generation_kwargs: Any) -> torch.Tensor:
         T = context.shape[1]  # left-padded: every prompt ends at column T
         state = CallState(gen_start=T - 1, prompt_end=T)
-        with self._steer(state) if self.active else nullcontext():
+        with self._steer(state):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 

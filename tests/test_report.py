@@ -1,0 +1,99 @@
+"""``steerplug report`` on a tiny random model: every method runs, files are written, results
+are cached per configuration and only per configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from conftest import make_byte_tokenizer, make_tiny_model  # noqa: E402
+
+from steerplug import SparseAutoencoder, SteeringVector  # noqa: E402
+from steerplug.interventions import choose_threshold  # noqa: E402
+from steerplug.report import Method, default_methods, method_key, run_report, summarise  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from steerplug.data import data_dir
+    from steerplug.lm_eval_plugin import SteerplugLM
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    sae = SparseAutoencoder.random(64, 128, hook_name="blocks.2.hook_resid_post", seed=1)
+    vec = SteeringVector(128, torch.arange(0, 128, 4), torch.cat([torch.ones(16), -torch.ones(16)]))
+    return SteerplugLM(pretrained=make_tiny_model("llama"), tokenizer=make_byte_tokenizer(),
+                       sae=sae, vector=vec, steps=0, batch_size=4)
+
+
+def test_default_methods_cover_the_sweep():
+    ms = default_methods([0.1, 0.5], steps=3, caa_scales=[1.0, 2.0])
+    fams = [m.family for m in ms]
+    assert fams.count("steerplug") == 2 and fams.count("caa") == 2
+    assert {"unsteered", "system_prompt", "clamp", "conditional"} <= set(fams)
+    assert next(m for m in ms if m.family == "conditional").steering["lr"] == 0.5
+
+
+def test_report_runs_caches_and_writes(lm, tmp_path):
+    methods = [m for m in default_methods([0.5], steps=2)
+               if m.family in ("unsteered", "system_prompt", "caa", "clamp", "steerplug", "conditional")]
+    kw = dict(limit=2, hellaswag_limit=2, max_new_tokens=3, harm_sets=["jbb_harmful", "jbb_benign"],
+              calib_n=4, cache_dir=tmp_path / "cache")
+    out = run_report(lm, methods, tmp_path / "r1", **kw)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {m.name for m in methods}
+    assert not any(r["cached"] for r in out["rows"])
+    base = rows["unsteered"]
+    assert base["harmless_unchanged"] == 1.0 and base["hellaswag_delta"] == 0.0
+    for r in rows.values():
+        assert r["n:steerplug_jbb_harmful"] == 2 and r["n:hellaswag"] == 2
+        assert 0.0 <= r["harmful_refusal"] <= 1.0 and 0.0 <= r["harmless_refusal"] <= 1.0
+        assert r["median_ppl"] is None or r["median_ppl"] > 0
+    for name in ("results.json", "results.md", "samples.json", "pareto.png"):
+        assert (tmp_path / "r1" / name).is_file()
+    saved = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert saved["meta"]["n"]["steerplug_jbb_benign"] == 2
+    assert "gate" in saved["meta"]["prepared"] and "caa_vector_norm" in saved["meta"]["prepared"]
+    md = (tmp_path / "r1" / "results.md").read_text()
+    assert "| unsteered |" in md and "n=2" in md
+    # Second run: every configuration comes from its cache file, with the same numbers.
+    again = run_report(lm, default_methods([0.5], steps=2), tmp_path / "r2", **kw)
+    assert all(r["cached"] for r in again["rows"])
+    assert [r["harmful_refusal"] for r in again["rows"]] == [r["harmful_refusal"] for r in out["rows"]]
+
+
+def test_cache_key_changes_with_every_setting(lm):
+    s = {"limit": 2}
+    a = method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.25}), s)
+    assert a == method_key(lm, Method("renamed", "steerplug", {"steps": 3, "lr": 0.25}), s)
+    assert a != method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.5}), s)
+    assert a != method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.25}), {"limit": 3})
+    assert a != method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.25},
+                                      system_prompt="be safe"), s)
+    assert a != method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.25},
+                                      {"gate_threshold": 0.3}), s)
+
+
+def test_summary_unchanged_share_against_unsteered():
+    def res(name, family, responses, refusals):
+        samples = [{"doc_id": i, "response": r, "refusal": f, "coherent": 1.0, "repetition": 0.0}
+                   for i, (r, f) in enumerate(zip(responses, refusals))]
+        return {"method": {"name": name, "family": family}, "seconds": 1.0, "cached": False,
+                "tasks": {"steerplug_jbb_benign": {"metrics": {"refusal": sum(refusals) / len(refusals),
+                                                               "raw_refusal": 0.0}, "n": 2,
+                                                   "samples": samples}}}
+    rows = summarise([res("u", "unsteered", ["a", "b"], [0, 0]), res("s", "steerplug", ["a", "c"], [0, 1])],
+                     ["steerplug_jbb_benign"])
+    assert rows[0]["harmless_unchanged"] == 1.0
+    assert rows[1]["harmless_unchanged"] == 0.5 and rows[1]["harmless_refusal"] == 0.5
+
+
+def test_choose_threshold_separates():
+    thr = choose_threshold(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.0, 1.0, 2.5]))
+    assert 1.0 <= thr < 2.0 or 2.5 <= thr < 3.0
