@@ -10,16 +10,15 @@ Every format is mapped onto SAELens tensors (``W_enc [d_in, d_sae]``, ``W_dec [d
 (``nn.Linear`` stores ``[out, in]``): each reader checks the raw shapes first and names the
 tensor, the shape found and the shape expected.
 
-=====================  ==============================================  ===========================
-format                 files                                           maps onto
-=====================  ==============================================  ===========================
-SAELens 5/6 (ours)     ``cfg.json`` + ``sae_weights.safetensors``      as stored
-Gemma Scope 1/2        ``params.npz`` / ``params.safetensors``         jumprelu, no b_dec on input
-EleutherAI sparsify    ``<hookpoint>/cfg.json`` + ``sae.safetensors``  topk
-Llama Scope            ``hyperparams.json`` + ``checkpoints/final...``  jumprelu, input scale folded
-dictionary_learning    ``ae.pt`` + ``config.json``                      relu / topk / jumprelu
-Goodfire               ``*.pth`` state dict                             relu, no b_dec on input
-=====================  ==============================================  ===========================
+- SAELens 5/6 (ours): ``cfg.json`` + ``sae_weights.safetensors``; as stored.
+- Gemma Scope 1/2: ``params.npz`` / ``params.safetensors`` (+ ``config.json``); jumprelu, no
+  ``b_dec`` subtracted from the input.
+- EleutherAI sparsify: ``<hookpoint>/cfg.json`` + ``sae.safetensors``; topk.
+- Llama Scope: ``hyperparams.json`` + ``checkpoints/final.safetensors``; jumprelu, the
+  dataset-wise input/output scaling folded into the weights.
+- saprmarks dictionary_learning: ``ae.pt`` + ``config.json``; relu, topk or jumprelu by
+  ``dict_class``.
+- Goodfire: one ``*.pth``/``*.pt`` state dict; relu, no ``b_dec`` subtracted from the input.
 """
 
 from __future__ import annotations
@@ -204,7 +203,8 @@ def _read_sparsify(folder: Path) -> SparseAutoencoder:
 # lm_saes, dataset-wise norm: xs = c_in * x; h = xs @ We.T + be; f = h * (h * |Wd_i| > t)
 # (|Wd_i| only with sparsity_include_decoder_norm); out = (f @ Wd.T + bd) / c_out,
 # c = sqrt(d_model) / dataset_average_activation_norm. We fold the scales into the weights, so
-# the SAE reads and returns raw activations; the threshold stays in pre-activation units.
+# the SAE reads and returns raw activations. Folding c_in into W_enc leaves h unchanged, so the
+# threshold stays t (SAELens 6.54's loader multiplies it by c_in; lm_saes's encode does not).
 _LLAMA_SCOPE_MODELS = {"Llama3_1-8B-Base": "meta-llama/Llama-3.1-8B"}
 
 
