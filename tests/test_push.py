@@ -184,6 +184,11 @@ def test_push_refuses_a_broken_artifact_before_touching_the_hub(tmp_path, monkey
     _vector(tmp_path / "b" / "vector", d_sae=64)
     with pytest.raises(ValueError, match="d_sae=64.*d_sae=32"):
         push_to_hub(tmp_path / "b", "me/broken")
+    # ... or that reads another hook point
+    _sae(tmp_path / "c" / "sae")
+    _vector(tmp_path / "c" / "vector", hook="blocks.3.hook_resid_post")
+    with pytest.raises(ValueError, match="different hook points"):
+        push_to_hub(tmp_path / "c", "me/broken")
     assert rec.calls == []
 
 
