@@ -103,8 +103,18 @@ def load_model(model: Any = None, tokenizer: Any = None, *, dtype: torch.dtype |
         dtype = torch.float32 if device_map in (None, "cpu") else "auto"
     elif isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        ref, dtype=dtype, device_map=device_map, revision=revision, cache_dir=cache_dir, **kwargs)
+    try:
+        loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, device_map=device_map, revision=revision, cache_dir=cache_dir, **kwargs)
+    except OSError as e:
+        if Path(str(ref)).exists():
+            raise
+        raise OSError(
+            f"Model {str(ref)!r} could not be loaded from a local folder, the Hugging Face cache"
+            f"{' at ' + str(cache_dir) if cache_dir else ''} or the Hub ({e}). Offline "
+            "(HF_HUB_OFFLINE=1), a Hub model must be downloaded once first; or pass a local folder, "
+            "or no model at all for the offline default."
+        ) from e
     loaded.eval()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref, revision=revision, cache_dir=cache_dir)

@@ -88,29 +88,29 @@ class FeatureObjective:
             self.k = sae.cfg.k
             self.support = idx.to(device)  # (S,)
             self.w = vals.to(**f32)  # (S,)
-            self.b_in = (sae.b_dec.detach().to(**f32) if sae.cfg.apply_b_dec_to_input
-                         else torch.zeros(sae.d_in, **f32))  # (D,)
+            b_in = (sae.b_dec.detach().to(**f32) if sae.cfg.apply_b_dec_to_input
+                    else torch.zeros(sae.d_in, **f32))  # (D,)
+            # pre = (h - b_in) @ W + b = h @ W + (b - b_in @ W): the input shift goes into the bias.
             if self.arch == "topk":
                 # TopK needs every pre-activation to know which features made the top k.
                 self.W_full = sae.W_enc.detach().to(**f32)  # (D, F)
-                self.b_full = sae.b_enc.detach().to(**f32)  # (F,)
-                self.W = self.W_full[:, self.support]  # (D, S)
-            else:
-                self.W = sae.W_enc[:, idx.to(sae.W_enc.device)].to(**f32).contiguous()  # (D, S)
-                self.b = sae.b_enc[idx.to(sae.W_enc.device)].to(**f32)  # (S,)
-                self.thr = (sae.threshold[idx.to(sae.W_enc.device)].to(**f32)
-                            if self.arch == "jumprelu" else None)  # (S,)
+                self.b_full = sae.b_enc.detach().to(**f32) - b_in @ self.W_full  # (F,)
+            cols = idx.to(sae.W_enc.device)
+            self.W = sae.W_enc.detach()[:, cols].to(**f32).contiguous()  # (D, S)
+            self.W_T = self.W.T.contiguous()  # (S, D)
+            self.b = sae.b_enc.detach()[cols].to(**f32) - b_in @ self.W  # (S,)
+            self.thr = (sae.threshold.detach()[cols].to(**f32)
+                        if self.arch == "jumprelu" else None)  # (S,)
 
     def _pre_and_active(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activations on the support and whether each is active, both ``(N, S)``."""
-        x = h - self.b_in  # (N, D)
         if self.arch == "topk":
-            pre_full = x @ self.W_full + self.b_full  # (N, F)
+            pre_full = torch.addmm(self.b_full, h, self.W_full)  # (N, F)
             top = pre_full.topk(self.k, dim=-1, sorted=False).indices  # (N, k)
             in_top = torch.zeros_like(pre_full, dtype=torch.bool).scatter_(-1, top, True)
             pre = pre_full[:, self.support]  # (N, S)
             return pre, in_top[:, self.support] & (pre > 0)
-        pre = x @ self.W + self.b  # (N, S)
+        pre = torch.addmm(self.b, h, self.W)  # (N, S)
         active = pre > 0
         if self.thr is not None:
             active &= pre > self.thr
@@ -124,7 +124,7 @@ class FeatureObjective:
     def grad(self, h: torch.Tensor) -> torch.Tensor:
         """Closed-form ``dL/dh``, ``(N, D) -> (N, D)``."""
         _, active = self._pre_and_active(h)
-        return (active * self.w) @ self.W.T
+        return (active * self.w) @ self.W_T
 
 
 def autograd_grad(h: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -62,3 +62,29 @@ def test_unknown_steering_argument_is_named():
     with pytest.raises(TypeError, match="stepz"):
         SteeredModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_byte_tokenizer(),
                                      sae=None, vector=None, stepz=3)
+
+
+def test_a_hub_model_missing_from_the_cache_is_named(tmp_path):
+    with pytest.raises(OSError, match="(?s)'org/not-here'.*Offline"):
+        SteeredModel.from_pretrained("org/not-here", sae=None, vector=None, cache_dir=tmp_path,
+                                     local_files_only=True)
+
+
+def test_device_map_loaded_model_steers_like_the_plain_one(tmp_path):
+    """A model loaded with a device_map (accelerate's dispatch hooks on its modules) steers the same."""
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    sae = SparseAutoencoder.random(64, 128, hook_name="blocks.2.hook_resid_post")
+    vec = SteeringVector.from_dense(torch.randn(128), top_k=8)
+    plain = SteeredModel(model, tok, sae, vec, config=None)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}  # the hooked layer is offloaded
+    mapped = SteeredModel.from_pretrained(str(tmp_path), sae=sae, vector=vec, device_map=device_map,
+                                          model_kwargs={"offload_folder": str(tmp_path / "off")})
+    assert hasattr(mapped.model.model.layers[2], "_hf_hook")  # accelerate's dispatch hook is there
+    ids = torch.randint(0, 250, (2, 9))
+    a = plain.generate(ids, max_new_tokens=6, do_sample=False)
+    b = mapped.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
