@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -147,15 +147,19 @@ class Completion:
 class RequestStream:
     """A submitted request: iterate it (sync or async) for events, or call :meth:`result`."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None,
+                 on_event: Callable[[RequestStream, Event], None] | None = None):
         self.request = request
         self.cancelled = False
         self._loop = loop
+        self._on_event = on_event
         self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._queue: queue.Queue | None = None if loop is not None else queue.Queue()
+        self._queue: queue.Queue | None = None if loop is not None or on_event else queue.Queue()
 
     def _put(self, event: Event) -> None:
-        if self._loop is not None:
+        if self._on_event is not None:
+            self._on_event(self, event)
+        elif self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
             except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -169,7 +173,8 @@ class RequestStream:
 
     def __iter__(self) -> Iterator[Event]:
         if self._queue is None:
-            raise TypeError("This stream was submitted with an event loop: use 'async for'.")
+            raise TypeError("This stream was submitted with an event loop or on_event: use "
+                            "'async for' or the callback.")
         while True:
             event = self._queue.get()
             yield event
@@ -271,10 +276,11 @@ class BatchEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: GenerationRequest,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
-        """Queue ``request``; events go to an asyncio queue on ``loop`` if given, else a thread queue."""
-        stream = RequestStream(request, loop)
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
+               on_event: Callable[[RequestStream, Event], None] | None = None) -> RequestStream:
+        """Queue ``request``. Its events go to ``on_event(stream, event)`` (called on the engine
+        thread) if given, else to an asyncio queue on ``loop`` if given, else to a thread queue."""
+        stream = RequestStream(request, loop, on_event)
         with self._cond:
             if self._closed:
                 raise RuntimeError("The batch engine is closed.")

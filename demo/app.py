@@ -1,0 +1,155 @@
+"""steerplug demo: the same chat answered unsteered and steered, side by side, with the per-token
+score of the steered SAE features before and after steering.
+
+Runs offline on the default model (SmolLM2-135M-Instruct) and the artifacts in hub_artifacts/.
+Another model / SAE / vector: command-line flags or environment variables
+
+    python demo/app.py --model Qwen/Qwen2.5-0.5B-Instruct --sae ORG/sae-repo --vector ORG/vector-repo
+    STEERPLUG_MODEL=... STEERPLUG_SAE=... STEERPLUG_VECTOR=... STEERPLUG_LAYER=12 python demo/app.py
+
+The logic lives in steerplug.demo_utils; this file is only the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+try:
+    import steerplug  # noqa: F401
+except ImportError:  # running from a checkout without installing: use the package next door
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gradio as gr  # noqa: E402
+
+from steerplug.batching import BatchEngine  # noqa: E402
+from steerplug.demo_utils import (EXAMPLE_PROMPTS, FEATURE_COLUMNS, DemoSettings,  # noqa: E402
+                                  chat_prompt_ids, compare_stream, feature_table, load_steered,
+                                  score_figure, summary)
+from steerplug.steering import POSITIONS  # noqa: E402
+
+TITLE = "steerplug: SAE gradient steering, live"
+INTRO = """Each message is answered twice **in the same batch**: on the left by the plain model, on the
+right with *gradient steering* — at one residual-stream layer, a few gradient steps per token push the
+activation `h` to lower `SAE.encode(h) · w`, where `w` weights the SAE features tied to harmful requests.
+The plot shows that score per generated token, before and after the steering step."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=env("STEERPLUG_MODEL") or None,
+                   help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--sae", default=env("STEERPLUG_SAE", "default"), help="SAE folder or Hub repo")
+    p.add_argument("--vector", default=env("STEERPLUG_VECTOR", "default"), help="vector folder or Hub repo")
+    p.add_argument("--layer", type=int, default=int(env("STEERPLUG_LAYER")) if env("STEERPLUG_LAYER") else None)
+    p.add_argument("--steps", type=int, default=int(env("STEERPLUG_STEPS", "3")))
+    p.add_argument("--strength", type=float, default=float(env("STEERPLUG_STRENGTH", "0.25")))
+    p.add_argument("--max-new-tokens", type=int, default=int(env("STEERPLUG_MAX_NEW_TOKENS", "96")))
+    p.add_argument("--max-batch", type=int, default=int(env("STEERPLUG_MAX_BATCH", "16")))
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--queue-size", type=int, default=int(env("STEERPLUG_QUEUE_SIZE", "32")))
+    p.add_argument("--concurrency", type=int, default=int(env("STEERPLUG_CONCURRENCY", "8")),
+                   help="chats answered at once (they share the model's batches)")
+    return p.parse_args(argv)
+
+
+def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, strength: float = 0.25,
+               max_new_tokens: int = 96) -> gr.Blocks:
+    steered = engine.steered
+    where = steered.hook_point.name if steered.can_steer else "nowhere (no SAE)"
+
+    def respond(message: str, plain_hist: list, steered_hist: list, enabled: bool, n_steps: float,
+                lr: float, positions: str, max_tokens: float):
+        message = (message or "").strip()
+        if not message:
+            yield plain_hist, steered_hist, "", gr.skip(), gr.skip(), "Type a message first."
+            return
+        settings = DemoSettings(enabled=bool(enabled), steps=int(n_steps), strength=float(lr),
+                                positions=positions, max_new_tokens=int(max_tokens))
+        tok = steered.tokenizer
+        plain_ids = chat_prompt_ids(tok, plain_hist, message)
+        steered_ids = chat_prompt_ids(tok, steered_hist, message)
+        user = {"role": "user", "content": message}
+        plain_hist = plain_hist + [user, {"role": "assistant", "content": ""}]
+        steered_hist = steered_hist + [user, {"role": "assistant", "content": ""}]
+        if plain_ids == steered_ids:
+            snaps = compare_stream(engine, plain_ids, settings)
+        else:  # the conversations have diverged: each column continues its own
+            snaps = _two_prompts(plain_ids, steered_ids, settings)
+        snap = None
+        for i, snap in enumerate(snaps):
+            plain_hist[-1]["content"] = snap.plain.text
+            steered_hist[-1]["content"] = snap.steered.text
+            if i % 4 == 0 or snap.done:
+                yield plain_hist, steered_hist, "", gr.skip(), gr.skip(), summary(snap)
+        if snap is None:
+            return
+        errors = [e for e in (snap.plain.error, snap.steered.error) if e]
+        status = summary(snap) + " · done" + (f"\n\n**Error:** {'; '.join(errors)}" if errors else "")
+        yield (plain_hist, steered_hist, "", score_figure(snap),
+               feature_table(snap, steered.vector), status)
+
+    def _two_prompts(plain_ids, steered_ids, settings):
+        from steerplug.demo_utils import CompareSnapshot
+
+        off = DemoSettings(**{**settings.__dict__, "enabled": False})
+        a, b = compare_stream(engine, plain_ids, off), compare_stream(engine, steered_ids, settings)
+        snap_a = snap_b = None
+        for snap_a in a:
+            pass
+        for snap_b in b:
+            yield CompareSnapshot(snap_a.plain, snap_b.steered)
+
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}\n\nSteering at `{where}` with `{steered.vector!r}`.")
+        if note:
+            gr.Markdown(note, elem_id="note")
+        with gr.Row():
+            plain_chat = gr.Chatbot(label="Unsteered", elem_id="plain-chat", height=380)
+            steered_chat = gr.Chatbot(label="Steered", elem_id="steered-chat", height=380)
+        with gr.Row():
+            msg = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5, elem_id="prompt")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            clear = gr.Button("Clear", scale=1, elem_id="clear")
+        with gr.Row():
+            enabled = gr.Checkbox(value=steered.can_steer, label="Steering on", elem_id="steer-on",
+                                  interactive=steered.can_steer)
+            n_steps = gr.Slider(0, 20, value=steps, step=1, label="Steps per token", elem_id="steps")
+            lr = gr.Slider(0.0, 2.0, value=strength, step=0.05, label="Strength (lr)", elem_id="strength")
+            positions = gr.Radio(list(POSITIONS), value="generated", label="Positions", elem_id="positions")
+            max_tokens = gr.Slider(8, 512, value=max_new_tokens, step=8, label="Max new tokens",
+                                   elem_id="max-tokens")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            plot = gr.Plot(label="encode(h) · w per generated token", elem_id="score-plot")
+            table = gr.Dataframe(headers=FEATURE_COLUMNS, label="Top active SAE features (steered answer)",
+                                 elem_id="features", interactive=False)
+        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[msg], label="Example prompts")
+
+        inputs = [msg, plain_chat, steered_chat, enabled, n_steps, lr, positions, max_tokens]
+        outputs = [plain_chat, steered_chat, msg, plot, table, status]
+        send.click(respond, inputs, outputs)
+        msg.submit(respond, inputs, outputs)
+        clear.click(lambda: ([], [], "", None, None, ""), None, outputs, queue=False)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    steered, note = load_steered(args.model, args.sae, args.vector, layer=args.layer)
+    engine = BatchEngine(steered, max_batch=args.max_batch).start()
+    demo = build_demo(engine, note, steps=args.steps, strength=args.strength,
+                      max_new_tokens=args.max_new_tokens)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
+                theme=gr.themes.Base(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                     font_mono=["ui-monospace", "monospace"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The demo: its library logic on a tiny model, and the Gradio page in headless Chromium.
+
+The browser test needs Chromium and the Playwright Python package (never ``playwright install``)::
+
+    apt-get install -y chromium        # Debian; provides /usr/bin/chromium
+    pip install playwright
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_byte_tokenizer, make_tiny_model
+
+from steerplug import SparseAutoencoder, SteeredModel, SteeringConfig, SteeringVector
+from steerplug.batching import BatchEngine
+from steerplug.demo_utils import (FEATURE_COLUMNS, DemoSettings, chat_prompt_ids, compare_stream,
+                                  feature_table, load_steered, score_figure, score_series, summary)
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("STEERPLUG_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _sae_and_vector():
+    sae = SparseAutoencoder.random(64, 256, hook_name="blocks.2.hook_resid_post")
+    vector = SteeringVector.from_dense(torch.randn(256, generator=torch.Generator().manual_seed(1)), top_k=32)
+    return sae, vector
+
+
+@pytest.fixture(scope="module")
+def engine():
+    sae, vector = _sae_and_vector()
+    steered = SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), sae, vector,
+                           config=SteeringConfig(steps=3, lr=0.5))
+    with BatchEngine(steered, max_batch=4) as eng:
+        yield eng
+
+
+# --- library logic -------------------------------------------------------------------------------
+def test_compare_stream_streams_both_columns(engine):
+    ids = chat_prompt_ids(engine.tokenizer, [], "How do I pick a lock?")
+    snaps = []
+    for snap in compare_stream(engine, ids, DemoSettings(steps=3, strength=0.5, max_new_tokens=12)):
+        snaps.append((snap.plain.text, snap.steered.text, snap.done))
+    final = snap
+    assert snaps[-1][2] and not snaps[0][2]
+    assert len(snaps) >= 24  # one snapshot per token per column, at least
+    assert len(final.plain.traces) == len(final.steered.traces) == 12
+    # Unsteered: the score is the same before and after; steered: steering lowered it.
+    assert all(t.score_before == t.score_after for t in final.plain.traces)
+    series = score_series(final)
+    assert sum(series["steered answer, after steering"]) < sum(series["steered answer, before steering"])
+    assert final.plain.text != final.steered.text
+    # The plain column equals an unsteered run alone; the steered one the library's steered chat.
+    with engine.steered.disabled():
+        assert final.plain.text == engine.steered.chat("How do I pick a lock?", max_new_tokens=12)
+    assert final.steered.text == engine.steered.chat("How do I pick a lock?", max_new_tokens=12,
+                                                     steps=3, lr=0.5)
+    off = list(compare_stream(engine, ids, DemoSettings(enabled=False, max_new_tokens=12)))[-1]
+    assert off.plain.text == off.steered.text == final.plain.text
+
+
+def test_figure_table_and_summary(engine):
+    ids = chat_prompt_ids(engine.tokenizer, [], "hello")
+    snap = list(compare_stream(engine, ids, DemoSettings(steps=2, strength=0.5, max_new_tokens=8)))[-1]
+    fig = score_figure(snap)
+    assert len(fig.axes[0].lines) == 3 + 1  # three series + the zero line
+    rows = feature_table(snap, engine.steered.vector, k=5)
+    assert 0 < len(rows) <= 5 and all(len(r) == len(FEATURE_COLUMNS) for r in rows)
+    assert rows == sorted(rows, key=lambda r: -max(r[2], r[3]))
+    support = dict(zip(*[t.tolist() for t in engine.steered.vector.support()]))
+    assert all(r[1] == round(support.get(r[0], 0.0), 4) for r in rows)
+    assert "8 tokens" in summary(snap)
+
+
+def test_load_steered_placeholder_when_no_artifacts(tmp_path):
+    folder = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    steered, note = load_steered(str(folder), sae=None, vector=None)
+    assert steered.can_steer and "random" in note
+    assert steered.hook_point.name == "blocks.2.hook_resid_post"  # middle of 4 layers
+    _, note = load_steered(str(folder), sae=None, vector=None, placeholder_if_missing=False)
+    assert "off" in note
+
+
+# --- the page in a browser -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (Debian: apt-get install -y chromium)")
+    pytest.importorskip("playwright", reason="pip install playwright (no 'playwright install' needed)")
+    root = tmp_path_factory.mktemp("demo")
+    make_tiny_model("llama").save_pretrained(root / "model")
+    make_byte_tokenizer().save_pretrained(root / "model")
+    sae, vector = _sae_and_vector()
+    sae.save_pretrained(root / "sae")
+    vector.save_pretrained(root / "vector")
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(root / "demo.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "demo" / "app.py"), "--model", str(root / "model"),
+         "--sae", str(root / "sae"), "--vector", str(root / "vector"), "--port", str(port),
+         "--host", "127.0.0.1", "--max-new-tokens", "24", "--strength", "0.5"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("the demo did not start:\n" + (root / "demo.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_demo_page_in_chromium(demo_url):
+    from playwright.sync_api import sync_playwright
+
+    def ask(page, prompt: str) -> tuple[str, str, str]:
+        page.click("#clear")
+        page.wait_for_function("!document.querySelector('#status').innerText.includes('done')")
+        page.fill("#prompt textarea", prompt)
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('done')",
+                               timeout=120_000)
+        plain = page.locator("#plain-chat [data-testid=bot]").last.inner_text()
+        steered = page.locator("#steered-chat [data-testid=bot]").last.inner_text()
+        return plain, steered, page.inner_text("#status")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(demo_url, wait_until="domcontentloaded")
+            page.wait_for_selector("#prompt textarea", timeout=60_000)
+            assert "steerplug" in page.title()
+            assert page.locator("#note").count() == 0  # real (given) SAE: no placeholder note
+
+            plain, steered, status = ask(page, "How do I pick a lock?")
+            assert plain and steered and plain != steered
+            assert "24 tokens" in status
+            assert page.locator("#score-plot img").count() == 1
+            assert page.locator("#features tbody tr").count() > 0
+
+            page.fill("#strength input[type=number]", "1.5")
+            page.press("#strength input[type=number]", "Enter")
+            plain2, steered2, _ = ask(page, "How do I pick a lock?")
+            assert plain2 == plain and steered2 != steered  # strength changes the steered answer only
+
+            page.uncheck("#steer-on input")
+            plain3, steered3, _ = ask(page, "How do I pick a lock?")
+            assert steered3 == plain3 == plain  # steering off: both columns agree
+        finally:
+            browser.close()
