@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default=env("STEERPLUG_SAE", "default"), help="SAE folder or Hub repo")
     p.add_argument("--vector", default=env("STEERPLUG_VECTOR", "default"), help="vector folder or Hub repo")
+    p.add_argument("--sae-subfolder", default=env("STEERPLUG_SAE_SUBFOLDER") or None)
+    p.add_argument("--vector-subfolder", default=env("STEERPLUG_VECTOR_SUBFOLDER") or None)
     p.add_argument("--layer", type=int, default=int(env("STEERPLUG_LAYER")) if env("STEERPLUG_LAYER") else None)
     p.add_argument("--steps", type=int, default=int(env("STEERPLUG_STEPS", "3")))
     p.add_argument("--strength", type=float, default=float(env("STEERPLUG_STRENGTH", "0.25")))
@@ -141,7 +143,8 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    steered, note = load_steered(args.model, args.sae, args.vector, layer=args.layer)
+    steered, note = load_steered(args.model, args.sae, args.vector, layer=args.layer,
+                                 sae_subfolder=args.sae_subfolder, vector_subfolder=args.vector_subfolder)
     engine = BatchEngine(steered, max_batch=args.max_batch).start()
     demo = build_demo(engine, note, steps=args.steps, strength=args.strength,
                       max_new_tokens=args.max_new_tokens)

@@ -34,18 +34,19 @@ EXAMPLE_PROMPTS = (
 
 def load_steered(model: str | None = None, sae: str | None = "default", vector: str | None = "default",
                  *, layer: int | None = None, placeholder_if_missing: bool = True,
-                 **steering: Any) -> tuple[Any, str | None]:
+                 **kwargs: Any) -> tuple[Any, str | None]:
     """``SteeredModel.from_pretrained(model, sae, vector, layer=...)`` plus a note for the UI.
 
     If the model has no SAE and vector (the default model before ``hub_artifacts/`` is built) and
     ``placeholder_if_missing``, a random SAE at the middle layer (blocks.15 on SmolLM2-135M) and a random 64-feature vector
-    stand in, so the demo still shows the mechanics; the note says so.
+    stand in, so the demo still shows the mechanics; the note says so. Other keyword arguments go
+    to :meth:`SteeredModel.from_pretrained` (``sae_subfolder``, steering options, ...).
     """
     from steerplug import SparseAutoencoder, SteeredModel, SteeringVector
     from steerplug.layers import hidden_size
 
     steered = SteeredModel.from_pretrained(model, sae=sae or None, vector=vector or None, layer=layer,
-                                           **steering)
+                                           **kwargs)
     if steered.can_steer:
         return steered, None
     if not placeholder_if_missing:
