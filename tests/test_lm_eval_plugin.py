@@ -170,3 +170,34 @@ def test_every_task_yaml_is_indexed():
     names = {p.stem for p in EVALS.glob("steerplug_*.yaml")}
     assert names <= set(tm.all_tasks)
     assert {"steerplug_harmful", "steerplug_harmless", "steerplug_safety"} <= set(tm.all_tasks)
+
+
+def test_steerplug_eval_cli_end_to_end(parts, tmp_path):
+    """``steerplug-eval --model steerplug --model_args ...`` parses string arguments like lm_eval."""
+    import subprocess
+    import sys
+
+    from steerplug.data import data_dir
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    model, tok, sae, vec = parts
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sae.save_pretrained(tmp_path / "sae")
+    vec.save_pretrained(tmp_path / "vector")
+    args = (f"pretrained={tmp_path / 'model'},sae={tmp_path / 'sae'},vector={tmp_path / 'vector'},"
+            "steps=2,lr=0.5,max_delta=none,dtype=float32")
+    cmd = [sys.executable, "-c", "from steerplug.lm_eval_plugin import cli_main; cli_main()",
+           "--model", "steerplug", "--model_args", args, "--tasks", "steerplug_jbb_harmful",
+           "--include_path", str(EVALS), "--limit", "1", "--apply_chat_template",
+           "--gen_kwargs", "max_gen_toks=2", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+           "--use_cache", str(tmp_path / "cache" / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steerplug_jbb_harmful" in done.stdout and "refusal" in done.stdout
+    assert list((tmp_path / "cache").glob("run-*_rank0.db"))  # keyed on the model arguments
+    assert list((tmp_path / "out").rglob("results_*.json"))
