@@ -17,6 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("steerplug.report", "sweep unsteered / baselines / steering through lm-eval: table + Pareto plot"),
     "serve": ("steerplug.serve", "serve an OpenAI-compatible API with per-request steering"),
     "push": ("steerplug.push", "upload an SAE / steering-vector folder to the Hub with a model card"),
+    "collect": ("steerplug.pipeline.collect", "store per-token residual activations (sharded safetensors)"),
+    "train": ("steerplug.pipeline.train", "train a TopK or ReLU+L1 sparse autoencoder on activations"),
+    "evaluate-sae": ("steerplug.pipeline.evaluate", "L0, FVE, CE loss recovered, HellaSwag, probes of an SAE"),
+    "find-features": ("steerplug.pipeline.features", "rank SAE features and build a steering vector"),
+    "build-default-artifacts": ("steerplug.pipeline.artifacts",
+                                "build hub_artifacts/ (SAE + vector) for the default model"),
 }
 
 

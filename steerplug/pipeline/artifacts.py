@@ -1,0 +1,226 @@
+"""``steerplug build-default-artifacts``: the whole pipeline for the default model, in one command.
+
+Steps (each resumes / is skipped when its output already exists in ``--work``):
+
+1. collect  — layer-15 resid_post activations of HH-RLHF dialogues (given answers) and of
+   ``harmful_train`` / ``harmless_train`` questions with greedy model answers;
+2. train    — TopK SAE (AuxK), 8x width, on those activations (5% of sequences held out);
+3. evaluate — WikiText-2 test, held-out chat, CE recovered, HellaSwag, probes;
+4. features — force-prefixed compliant vs refusing answers to ``harmful_train`` questions, the
+   64-feature steering vector;
+5. publish  — ``hub_artifacts/SmolLM2-135M-Instruct/{sae,vector}`` with model cards, the eval
+   report and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steerplug.models import DEFAULT_MODEL_ID
+
+
+@dataclass
+class ArtifactsConfig:
+    """Sizes of the default build (defaults fit a 2-core CPU in well under an hour)."""
+
+    hook: str = "blocks.15.hook_resid_post"
+    """Where the SAE reads."""
+    hh_rlhf: int = 2312
+    """HH-RLHF harmless-base dialogues (answers given)."""
+    per_prompt_set: int = 128
+    """harmful_train and harmless_train questions each, answered by the model."""
+    max_new_tokens: int = 48
+    """Length of the generated training answers."""
+    d_sae: int = 4608
+    """SAE width (8 x 576)."""
+    k: int = 32
+    """Active latents per token."""
+    lr: float = 8e-4
+    """Adam learning rate."""
+    total_tokens: int = 1_200_000
+    """Training tokens (epochs over the collected activations)."""
+    holdout_every: int = 20
+    """Sequences with seq_id % N == 0 are held out from training (scored by evaluate)."""
+    hellaswag_items: int = 200
+    """HellaSwag items for the spliced-vs-clean comparison."""
+    seed: int = 0
+    """Seed of every step."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_sae", "k", "total_tokens", "holdout_every", "per_prompt_set", "max_new_tokens"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ArtifactsConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+
+
+def _sh(argv: list[str]) -> None:
+    from steerplug.cli import main
+
+    print("$ steerplug " + " ".join(argv), flush=True)
+    rc = main(argv)
+    if rc:
+        raise RuntimeError(f"steerplug {' '.join(argv)} failed with exit code {rc}.")
+
+
+def build_default_artifacts(work: str | Path = "runs/default",
+                            out: str | Path = "hub_artifacts/SmolLM2-135M-Instruct",
+                            cfg: ArtifactsConfig | None = None) -> Path:
+    """Run the five steps; returns the artifacts folder."""
+    cfg = cfg or ArtifactsConfig()
+    work, out = Path(work), Path(out)
+    acts, sae_dir, eval_dir, feat_dir = (work / "acts_train", work / "sae", work / "eval", work / "features")
+    if not (acts / "manifest.json").is_file() or not json.loads((acts / "manifest.json").read_text()).get("complete"):
+        _sh(["collect", "--out", str(acts), "--hooks", cfg.hook, "--prompt-sets", "harmful_train",
+             "harmless_train", "--limit-per-set", str(cfg.per_prompt_set), "--hh-rlhf", str(cfg.hh_rlhf),
+             "--max-new-tokens", str(cfg.max_new_tokens), "--max-length", "256", "--seed", str(cfg.seed)])
+    if not (sae_dir / "cfg.json").is_file():
+        _sh(["train", "--acts", str(acts), "--out", str(sae_dir), "--d-sae", str(cfg.d_sae), "--k", str(cfg.k),
+             "--lr", str(cfg.lr), "--total-tokens", str(cfg.total_tokens), "--holdout-every",
+             str(cfg.holdout_every), "--seed", str(cfg.seed)])
+    if not (eval_dir / "eval_report.json").is_file():
+        _sh(["evaluate-sae", "--sae", str(sae_dir), "--out", str(eval_dir), "--heldout-acts", str(acts),
+             "--heldout-every", str(cfg.holdout_every), "--hellaswag-items", str(cfg.hellaswag_items),
+             "--seed", str(cfg.seed)])
+    if not (feat_dir / "vector" / "steering_vector.json").is_file():
+        _sh(["find-features", "--sae", str(sae_dir), "--out", str(feat_dir), "--seed", str(cfg.seed)])
+    publish(work, out, cfg)
+    return out
+
+
+def publish(work: Path, out: Path, cfg: ArtifactsConfig) -> None:
+    """Copy the SAE, vector, reports and plots into ``out`` and write the model cards."""
+    sae_out, vec_out = out / "sae", out / "vector"
+    for d in (sae_out, vec_out):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("cfg.json", "sae_weights.safetensors", "training_curves.png", "training_log.json"):
+        shutil.copy2(work / "sae" / name, sae_out / name)
+    for name in ("eval_report.json", "feature_density.png", "eval_summary.png"):
+        shutil.copy2(work / "eval" / name, sae_out / name)
+    for name in ("steering_vector.json", "steering_vector.safetensors"):
+        shutil.copy2(work / "features" / "vector" / name, vec_out / name)
+    for name in ("features_report.md", "features_report.json"):
+        shutil.copy2(work / "features" / name, vec_out / name)
+    report = json.loads((work / "eval" / "eval_report.json").read_text())
+    sae_cfg = json.loads((work / "sae" / "cfg.json").read_text())
+    feats = json.loads((work / "features" / "features_report.json").read_text())
+    (sae_out / "README.md").write_text(sae_card(report, sae_cfg, cfg))
+    (vec_out / "README.md").write_text(vector_card(feats, cfg))
+
+
+def _fmt(report: dict[str, Any]) -> str:
+    from steerplug.pipeline.evaluate import format_summary
+
+    return format_summary(report)
+
+
+def sae_card(report: dict[str, Any], sae_cfg: dict[str, Any], cfg: ArtifactsConfig) -> str:
+    w = report["wikitext2_test"]
+    tr = sae_cfg["metadata"].get("training", {})
+    rows = [("L0 (WikiText-2 test)", f"{w['l0']:.1f}", "<= 64"),
+            ("FVE (WikiText-2 test)", f"{w['fve']:.3f}", ">= 0.80"),
+            ("CE loss recovered (WikiText-2 test)", f"{w['ce_recovered']:.3f}", ">= 0.90"),
+            ("dead latents (WikiText-2 test)", f"{w['dead_fraction']:.2%}", "<= 5%")]
+    if "heldout_chat" in report:
+        h = report["heldout_chat"]
+        rows += [("FVE (held-out chat)", f"{h['fve']:.3f}", ""), ("L0 (held-out chat)", f"{h['l0']:.1f}", ""),
+                 ("dead latents (held-out chat)", f"{h['dead_fraction']:.2%}", "")]
+    if "hellaswag" in report:
+        hs = report["hellaswag"]
+        rows.append((f"HellaSwag acc_norm spliced - clean (n={hs['n_items']})",
+                     f"{hs['delta_points']:+.1f} points ({hs['acc_norm_sae']:.3f} vs {hs['acc_norm_clean']:.3f})",
+                     "within 3 points"))
+    for name, p in report.get("probes", {}).items():
+        rows.append((f"probe {name}: SAE vs raw", f"{p['acc_sae']:.3f} vs {p['acc_raw']:.3f}", "within 2 points"))
+    table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return f"""---
+library_name: steerplug
+tags: [sparse-autoencoder, sae, saelens, steerplug]
+base_model: {DEFAULT_MODEL_ID}
+---
+# TopK SAE for {DEFAULT_MODEL_ID}, `{sae_cfg['metadata'].get('hook_name')}`
+
+A TopK sparse autoencoder (Gao et al. 2024, with the AuxK loss) with {sae_cfg['d_sae']} latents
+({sae_cfg['d_sae'] // sae_cfg['d_in']}x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
+`steerplug build-default-artifacts` on {tr.get('n_rows', '?')} activation rows (position 0 dropped)
+of HH-RLHF harmless-base dialogues and of `harmful_train` / `harmless_train` questions with greedy
+model answers, for {cfg.total_tokens} tokens. The input normalisation is folded into the weights:
+the SAE reads raw residual activations (`normalize_activations: none`).
+
+SAELens layout (`cfg.json` + `sae_weights.safetensors`): loads with
+`steerplug.SparseAutoencoder.from_pretrained(path)` and SAELens 6.
+
+## Evaluation (held-out; position 0 of every sequence left out)
+
+| metric | value | target |
+|---|---|---|
+{table}
+
+```
+{_fmt(report)}
+```
+
+Full numbers: `eval_report.json`; plots: `training_curves.png`, `feature_density.png`, `eval_summary.png`.
+
+## Reproduce
+
+```
+steerplug build-default-artifacts --work runs/default
+```
+"""
+
+
+def vector_card(feats: dict[str, Any], cfg: ArtifactsConfig) -> str:
+    auroc = feats.get("heldout_auroc")
+    top = "\n".join(f"| {f['feature']} | {f['weight']:+.3f} | {f['score']:+.2f} |" for f in feats["features"][:10])
+    return f"""---
+library_name: steerplug
+tags: [steering-vector, sparse-autoencoder, steerplug]
+base_model: {DEFAULT_MODEL_ID}
+---
+# Safety steering vector for {DEFAULT_MODEL_ID} (`{cfg.hook}`)
+
+A sparse vector `w` over the {feats['nnz']} SAE features (of the SAE in `../sae`) that best separate
+force-prefixed *compliant* answers ("Sure, here is ...") from *refusals* ("I can't help with that.
+...") to {feats['n_fit']} `harmful_train` questions (Cohen's d over per-answer mean activations),
+`w = harmful - safe`. steerplug steers by gradient steps that decrease `SAE.encode(h) . w`.
+
+Held-out AUROC of `mean features . w`, compliant vs refusal, on {feats['n_heldout']} unseen questions:
+**{'n/a' if auroc is None else f'{auroc:.3f}'}**.
+
+| feature | weight | Cohen's d |
+|---:|---:|---:|
+{top}
+
+All features with their top-activating contexts: `features_report.md`.
+
+Reproduce: `steerplug build-default-artifacts --work runs/default`.
+"""
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ArtifactsConfig()
+    p.add_argument("--work", default="runs/default", help="working folder (steps resume from it)")
+    p.add_argument("--out", default="hub_artifacts/SmolLM2-135M-Instruct")
+    p.add_argument("--hook", default=d.hook)
+    p.add_argument("--d-sae", type=int, default=d.d_sae)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--total-tokens", type=int, default=d.total_tokens)
+    p.add_argument("--hh-rlhf", type=int, default=d.hh_rlhf)
+    p.add_argument("--per-prompt-set", type=int, default=d.per_prompt_set)
+    p.add_argument("--hellaswag-items", type=int, default=d.hellaswag_items)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ArtifactsConfig(hook=args.hook, d_sae=args.d_sae, k=args.k, lr=args.lr, total_tokens=args.total_tokens,
+                          hh_rlhf=args.hh_rlhf, per_prompt_set=args.per_prompt_set,
+                          hellaswag_items=args.hellaswag_items, seed=args.seed)
+    out = build_default_artifacts(args.work, args.out, cfg)
+    print(f"artifacts in {out}")
+    return 0

@@ -1,0 +1,383 @@
+"""``steerplug collect``: per-token residual activations at one or more hook points.
+
+The forward pass stops right after the deepest hooked module (a private exception raised from
+its hook): the layers above it, the final norm and the LM head never run.
+
+Output folder::
+
+    manifest.json                    hooks, model, dtype, shards, per-sequence labels, progress
+    examples.json                    the examples (with generated answers), cached for resume
+    shard_00000.safetensors          acts.<hook> [N, D], token_ids [N], seq_ids [N],
+                                     positions [N], roles [N] (0 prompt, 1 answer, 2 text)
+
+Shards hold whole sequences and are written atomically; an interrupted run resumes after the last
+complete shard. Sequences are batched by length (a deterministic order), so the result does not
+depend on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from steerplug.layers import HookPoint, resolve_hook_point
+from steerplug.pipeline.examples import Example, tokenize_example
+
+MANIFEST_NAME = "manifest.json"
+EXAMPLES_NAME = "examples.json"
+SHARD_PATTERN = "shard_{:05d}.safetensors"
+_KIND_ORDER = {"hook_resid_pre": 0, "hook_mlp_out": 1, "hook_resid_post": 2}
+
+
+class _StopForward(Exception):
+    """Raised from the deepest hook to end the forward pass early (never escapes this module)."""
+
+
+def _depth(hp: HookPoint) -> tuple[int, int]:
+    """Execution order of hook points: layer, then resid_pre < mlp_out < resid_post."""
+    kind = hp.name.rsplit(".", 1)[-1]
+    return hp.layer, _KIND_ORDER.get(kind, 2 if hp.io == "output" else 0)
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def capture_activations(model: nn.Module, hook_points: list[HookPoint], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run ``model`` until the deepest of ``hook_points`` and return ``{hook name: (B, T, D)}``.
+
+    Nothing above the deepest hooked module is computed.
+    """
+    if not hook_points:
+        raise ValueError("capture_activations needs at least one hook point.")
+    deepest = max(hook_points, key=_depth)
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make(hp: HookPoint):
+        stop = hp is deepest
+        if hp.io == "input":
+            def pre_hook(module, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                captured[hp.name] = h.detach()
+                if stop:
+                    raise _StopForward
+            return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(module, args, output):
+            captured[hp.name] = _first_tensor(output).detach()
+            if stop:
+                raise _StopForward
+        return hp.module.register_forward_hook(post_hook)
+
+    try:
+        for hp in hook_points:
+            handles.append(make(hp))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [hp.name for hp in hook_points if hp.name not in captured]
+    if missing:
+        raise RuntimeError(f"Hook point(s) {missing} never ran during the forward pass.")
+    return captured
+
+
+@dataclass
+class CollectConfig:
+    """How activations are collected and stored."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook names (``blocks.L.hook_resid_post`` / ``hook_resid_pre`` / ``hook_mlp_out``) or int layers."""
+    max_length: int = 256
+    """Sequences are truncated to this many tokens."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    shard_tokens: int = 65536
+    """A shard is written once it holds at least this many tokens (whole sequences only)."""
+    dtype: str = "float32"
+    """Storage dtype of the activations: float32, float16 or bfloat16."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hooks, (str, int)):
+            self.hooks = [self.hooks]
+        if not self.hooks:
+            raise ValueError("CollectConfig.hooks is empty: name at least one hook point.")
+        for name in ("max_length", "batch_size", "shard_tokens"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"CollectConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"CollectConfig.dtype={self.dtype!r}: expected float32, float16 or bfloat16.")
+
+
+class CollectResult(NamedTuple):
+    """What :func:`collect_activations` returns."""
+
+    out_dir: Path
+    n_tokens: int
+    n_sequences: int
+    n_shards: int
+
+
+def _fingerprint(seqs: list[list[int]], hooks: list[str]) -> str:
+    h = hashlib.sha256(json.dumps(hooks).encode())
+    for s in seqs:
+        h.update(len(s).to_bytes(4, "little"))
+        h.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example], out_dir: str | Path,
+                        config: CollectConfig | None = None, *, layers_path: str | None = None,
+                        model_name: str | None = None) -> CollectResult:
+    """Run ``model`` over ``examples`` and store the activations at ``config.hooks`` in ``out_dir``.
+
+    Resumes from the last complete shard of an earlier run on the same examples and hooks.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or CollectConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points = [resolve_hook_point(model, h, layers_path) for h in cfg.hooks]
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise ValueError(f"CollectConfig.hooks={cfg.hooks!r} names the same hook point twice.")
+    toks = [tokenize_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    keep = [i for i, t in enumerate(toks) if len(t.token_ids) > 0]
+    order = sorted(keep, key=lambda i: (len(toks[i].token_ids), i))  # length-bucketed, deterministic
+    batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+    fp = _fingerprint([toks[i].token_ids for i in range(len(toks))], names)
+    store_dtype = getattr(torch, cfg.dtype)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    manifest_path = out / MANIFEST_NAME
+    manifest: dict[str, Any]
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") != fp:
+            raise ValueError(f"{out} holds activations of other examples or hooks (fingerprint "
+                             f"{manifest.get('fingerprint')} != {fp}); use a fresh folder.")
+    else:
+        manifest = {
+            "format": "steerplug-activations-v1", "fingerprint": fp, "hooks": names,
+            "d_model": None, "dtype": cfg.dtype, "model_name": model_name or getattr(
+                getattr(model, "config", None), "name_or_path", None),
+            "config": asdict(cfg), "roles": {"0": "prompt", "1": "answer", "2": "text"},
+            "sequences": [dict(ex.labels, seq_id=i, n_tokens=len(toks[i].token_ids))
+                          for i, ex in enumerate(examples)],
+            "shards": [], "batches_done": 0, "complete": False,
+        }
+        _write_json_atomic(manifest_path, manifest)
+    done = manifest["batches_done"]
+    buf: dict[str, list[torch.Tensor]] = {}
+    buf_tokens = 0
+
+    def flush(batches_done: int) -> None:
+        nonlocal buf, buf_tokens
+        if buf_tokens:
+            idx = len(manifest["shards"])
+            fname = SHARD_PATTERN.format(idx)
+            tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+            tmp = out / (fname + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, out / fname)
+            manifest["shards"].append({"file": fname, "n_tokens": buf_tokens,
+                                       "n_sequences": int(tensors["seq_ids"].unique().numel())})
+        manifest["batches_done"] = batches_done
+        _write_json_atomic(manifest_path, manifest)
+        buf, buf_tokens = {}, 0
+
+    bar = tqdm(total=sum(len(toks[i].token_ids) for i in order), desc="collect", unit="tok",
+               disable=not cfg.progress)
+    bar.update(sum(len(toks[i].token_ids) for b in batches[:done] for i in b))
+    for b_idx in range(done, len(batches)):
+        batch = batches[b_idx]
+        lens = [len(toks[i].token_ids) for i in batch]
+        T = max(lens)
+        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T), right padding
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, :lens[r]] = torch.tensor(toks[i].token_ids)
+            mask[r, :lens[r]] = 1
+        acts = capture_activations(model, points, ids.to(device), mask.to(device))
+        valid = mask.bool()  # (B, T)
+        if manifest["d_model"] is None:
+            manifest["d_model"] = int(next(iter(acts.values())).shape[-1])
+        for name in names:
+            buf.setdefault(f"acts.{name}", []).append(acts[name].cpu()[valid].to(store_dtype))  # (n, D)
+        buf.setdefault("token_ids", []).append(ids[valid])
+        buf.setdefault("seq_ids", []).append(torch.tensor(batch).repeat_interleave(torch.tensor(lens)))
+        buf.setdefault("positions", []).append(torch.cat([torch.arange(n) for n in lens]))
+        buf.setdefault("roles", []).append(torch.cat([torch.tensor(toks[i].roles, dtype=torch.int8)
+                                                      for i in batch]))
+        buf_tokens += sum(lens)
+        bar.update(sum(lens))
+        if buf_tokens >= cfg.shard_tokens:
+            flush(b_idx + 1)
+    flush(len(batches))
+    bar.close()
+    manifest["complete"] = True
+    manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
+    _write_json_atomic(manifest_path, manifest)
+    return CollectResult(out, manifest["n_tokens"], len(order), len(manifest["shards"]))
+
+
+class Activations(NamedTuple):
+    """Activations of one hook point with their per-token annotations (all on CPU)."""
+
+    acts: torch.Tensor
+    """``(N, D)`` activations."""
+    token_ids: torch.Tensor
+    """``(N,)`` token ids."""
+    seq_ids: torch.Tensor
+    """``(N,)`` index of the sequence in the manifest's ``sequences``."""
+    positions: torch.Tensor
+    """``(N,)`` position in the sequence."""
+    roles: torch.Tensor
+    """``(N,)`` 0 prompt, 1 answer, 2 text."""
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST_NAME}: not an activation folder (run `steerplug collect`).")
+    return json.loads(path.read_text())
+
+
+def load_activations(folder: str | Path, hook: str | None = None, *, skip_first: bool = True,
+                     roles: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
+                     max_tokens: int | None = None) -> Activations:
+    """Read the shards of one hook point (the only one if ``hook`` is None). ``skip_first`` drops
+    position 0 of every sequence (the attention sink); ``roles`` keeps only those roles."""
+    folder = Path(folder)
+    man = read_manifest(folder)
+    if hook is None:
+        if len(man["hooks"]) != 1:
+            raise ValueError(f"{folder} holds hooks {man['hooks']}: name one with hook=.")
+        hook = man["hooks"][0]
+    if hook not in man["hooks"]:
+        raise ValueError(f"hook={hook!r} is not in {folder} (it holds {man['hooks']}).")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in Activations._fields}
+    n = 0
+    for shard in man["shards"]:
+        t = load_file(str(folder / shard["file"]))
+        keep = torch.ones(t["token_ids"].shape[0], dtype=torch.bool)
+        if skip_first:
+            keep &= t["positions"] > 0
+        if roles is not None:
+            keep &= torch.isin(t["roles"].long(), torch.tensor(roles))
+        parts["acts"].append(t[f"acts.{hook}"][keep].to(dtype))
+        for k in ("token_ids", "seq_ids", "positions", "roles"):
+            parts[k].append(t[k][keep])
+        n += int(keep.sum())
+        if max_tokens is not None and n >= max_tokens:
+            break
+    if not parts["acts"]:
+        raise ValueError(f"{folder} has no shards yet.")
+    res = Activations(*(torch.cat(parts[k]) for k in Activations._fields))
+    if max_tokens is not None:
+        res = Activations(*(x[:max_tokens] for x in res))
+    return res
+
+
+# --- building the example list (shared with the CLI and the artifacts builder) ------------------
+def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), hh_rlhf: int = 0,
+                   wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
+                   generate: bool = True, max_new_tokens: int = 48, gen_batch_size: int = 16,
+                   seed: int = 0, data: str | None = None, cache: str | Path | None = None,
+                   progress: bool = True) -> list[Example]:
+    """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
+    given) and WikiText chunks (evaluation only). ``limit_per_set`` samples each prompt set with
+    ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused."""
+    from steerplug import data as D
+    from steerplug.pipeline.examples import generate_answers, hh_rlhf_examples, prompt_examples, text_examples
+
+    if cache is not None and Path(cache).is_file():
+        return [Example(**e) for e in json.loads(Path(cache).read_text())]
+    g = torch.Generator().manual_seed(seed)
+    examples: list[Example] = []
+    for name in prompt_sets:
+        prompts = D.load_prompts(name, data)
+        if limit_per_set is not None and len(prompts) > limit_per_set:
+            pick = torch.randperm(len(prompts), generator=g)[:limit_per_set].sort().values
+            prompts = [prompts[int(i)] for i in pick]
+        exs = prompt_examples(prompts)
+        if generate:
+            exs = generate_answers(model, tokenizer, exs, max_new_tokens=max_new_tokens,
+                                   batch_size=gen_batch_size, progress=progress)
+        examples += exs
+    if hh_rlhf:
+        dialogues = D.hh_rlhf_harmless_test(data)
+        pick = torch.randperm(len(dialogues), generator=g)[:hh_rlhf].sort().values
+        examples += hh_rlhf_examples([dialogues[int(i)] for i in pick])
+    if wikitext_chunks:
+        examples += text_examples(D.wikitext_test(data), tokenizer, chunk_tokens, limit=wikitext_chunks,
+                                  source="wikitext2_test")
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(Path(cache), [asdict(e) for e in examples])
+    return examples
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--hooks", nargs="+", default=["blocks.15.hook_resid_post"],
+                   help="hook names, e.g. blocks.15.hook_resid_post (several allowed)")
+    p.add_argument("--prompt-sets", nargs="*", default=["harmful_train", "harmless_train"],
+                   help="named prompt sets (steerplug.data.PROMPT_SETS); answers are generated")
+    p.add_argument("--limit-per-set", type=int, default=None, help="sample at most this many prompts per set")
+    p.add_argument("--hh-rlhf", type=int, default=0, help="number of HH-RLHF dialogues (answers given)")
+    p.add_argument("--wikitext-chunks", type=int, default=0, help="WikiText-2 test chunks (evaluation only!)")
+    p.add_argument("--no-generate", action="store_true", help="prompts only, no generated answers")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-tokens", type=int, default=65536)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from steerplug.models import load_model
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    out = Path(args.out)
+    examples = build_examples(model, tok, prompt_sets=args.prompt_sets, hh_rlhf=args.hh_rlhf,
+                              wikitext_chunks=args.wikitext_chunks, limit_per_set=args.limit_per_set,
+                              generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME)
+    cfg = CollectConfig(hooks=args.hooks, max_length=args.max_length, batch_size=args.batch_size,
+                        shard_tokens=args.shard_tokens, dtype=args.dtype)
+    from steerplug.models import DEFAULT_MODEL_ID
+
+    res = collect_activations(model, tok, examples, out, cfg, model_name=args.model or DEFAULT_MODEL_ID)
+    print(f"collected {res.n_tokens} tokens of {res.n_sequences} sequences in {res.n_shards} shards -> {res.out_dir}")
+    return 0

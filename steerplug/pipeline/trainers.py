@@ -1,0 +1,329 @@
+"""SAE training algorithms, kept apart from the model and the loop (as dictionary_learning does).
+
+A trainer owns a :class:`~steerplug.sae.SparseAutoencoder`, its optimiser and schedule, and exposes
+``update(step, x) -> StepStats``; :func:`steerplug.pipeline.train.train_sae` is the generic loop.
+
+- :class:`TopKTrainer` — TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and
+  evaluating sparse autoencoders"). Fast path on CPU: the encoder and decoder weight gradients are
+  dense GEMMs over the scattered (B, F) top-k gradient instead of per-token ``index_add``.
+- :class:`ReLUL1Trainer` — ReLU SAE with an Lp penalty whose exponent is annealed from 1 towards
+  ``p_end`` (Karvonen et al. 2024, "Measuring progress in dictionary learning ... p-annealing").
+
+Both keep decoder rows at unit norm (the gradient component parallel to each row is removed
+before the step, rows are renormalised after), use Adam with linear warm-up and a final linear
+decay, and track how many tokens ago each latent last fired (dead latents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from steerplug.sae import SparseAutoencoder
+
+
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters shared by the trainers (the architecture-specific ones are marked)."""
+
+    d_in: int
+    """Activation width."""
+    d_sae: int
+    """Number of latents."""
+    total_steps: int
+    """Optimiser steps in the whole run (for the schedules)."""
+    architecture: str = "topk"
+    """``topk`` (TopK + AuxK) or ``relu`` (ReLU + Lp penalty with p-annealing)."""
+    k: int = 32
+    """topk: active latents per token."""
+    lr: float | None = None
+    """Adam learning rate; None: ``2e-4 / sqrt(d_sae / 2**14)`` (Gao et al.) for topk, 1e-3 for relu."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up."""
+    decay_start: float = 0.8
+    """Fraction of the run after which the learning rate decays linearly to 0."""
+    auxk_alpha: float = 1 / 32
+    """topk: weight of the AuxK loss."""
+    dead_tokens: int = 100_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    l1_coeff: float = 0.05
+    """relu: final sparsity-penalty coefficient (inputs normalised to E||x||^2 = d_in)."""
+    sparsity_warmup_steps: int = 200
+    """relu: the penalty ramps up linearly over these steps."""
+    p_start: float = 1.0
+    """relu: initial exponent of the Lp penalty."""
+    p_end: float = 0.5
+    """relu: final exponent (p-annealing); equal to p_start for plain L1."""
+    anneal_start: float = 0.2
+    """relu: fraction of the run after which p anneals linearly from p_start to p_end."""
+    seed: int = 0
+    """Seed of the initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("topk", "relu"):
+            raise ValueError(f"TrainerConfig.architecture={self.architecture!r}: expected 'topk' or 'relu'.")
+        for name in ("d_in", "d_sae", "total_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"TrainerConfig.k={self.k!r}: expected 1 <= k <= d_sae={self.d_sae}.")
+        if not 0.0 <= self.decay_start <= 1.0:
+            raise ValueError(f"TrainerConfig.decay_start={self.decay_start!r}: expected a fraction in [0, 1].")
+        if not 0.0 <= self.anneal_start <= 1.0:
+            raise ValueError(f"TrainerConfig.anneal_start={self.anneal_start!r}: expected a fraction in [0, 1].")
+        if not 0.0 < self.p_end <= self.p_start:
+            raise ValueError(f"TrainerConfig.p_end={self.p_end!r}: expected 0 < p_end <= p_start={self.p_start}.")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"TrainerConfig.lr={self.lr!r}: expected a positive learning rate.")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / (self.d_sae / 2**14) ** 0.5 if self.architecture == "topk" else 1e-3
+
+
+class StepStats(NamedTuple):
+    """What one ``update`` measured, on its (normalised) batch."""
+
+    loss: float
+    mse: float
+    """Sum of squared errors per token."""
+    fve: float
+    """Fraction of variance explained, ``1 - SSE / sum ||x - mean(x)||^2``."""
+    l0: float
+    """Mean number of active latents per token."""
+    aux: float
+    """AuxK loss (topk) or sparsity penalty (relu)."""
+    dead_fraction: float
+    """Latents silent for ``dead_tokens`` tokens."""
+
+
+# --- fast TopK autograd pieces -------------------------------------------------------------------
+class _TopKEncode(torch.autograd.Function):
+    """``relu(topk((x - b_dec) @ W + b))`` returning the k values, their indices and the dense
+    pre-activations. Backward: dense GEMMs over the scattered (B, F) gradient (faster on CPU than
+    per-token ``index_add``); ``x`` gets no gradient, ``b_dec`` gets its reduced one directly."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, b_dec, k: int):  # x (B, D), W (D, F), b (F,), b_dec (D,)
+        xc = x - b_dec  # (B, D)
+        pre = torch.addmm(b, xc, W)  # (B, F)
+        vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
+        acts = vals.clamp_min(0)
+        ctx.save_for_backward(xc, W, idx, acts)
+        ctx.mark_non_differentiable(idx)
+        return acts, idx, pre
+
+    @staticmethod
+    def backward(ctx, g_acts, g_idx, g_pre):
+        xc, W, idx, acts = ctx.saved_tensors
+        g = g_acts * (acts > 0)  # (B, k)
+        G = torch.zeros(xc.shape[0], W.shape[1], dtype=g.dtype, device=g.device).scatter_(1, idx, g)  # (B, F)
+        if g_pre is not None:  # the AuxK path reads the dense pre-activations
+            G = G + g_pre
+        g_sum = G.sum(0)  # (F,)
+        grad_W = xc.T @ G if ctx.needs_input_grad[1] else None  # (D, F)
+        grad_bdec = -(W @ g_sum) if ctx.needs_input_grad[3] else None  # (D,)
+        return None, grad_W, g_sum, grad_bdec, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``sum_j acts[:, j] * W_dec[idx[:, j]]`` by ``embedding_bag``; weight gradient by dense GEMM."""
+
+    @staticmethod
+    def forward(ctx, idx, acts, W_dec):  # idx, acts (B, k), W_dec (F, D)
+        ctx.save_for_backward(idx, acts, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")  # (B, D)
+
+    @staticmethod
+    def backward(ctx, g_out):  # g_out (B, D)
+        idx, acts, W_dec = ctx.saved_tensors
+        g_acts = torch.bmm(W_dec[idx], g_out.unsqueeze(-1)).squeeze(-1)  # (B, k)
+        A = torch.zeros(acts.shape[0], W_dec.shape[0], dtype=acts.dtype, device=acts.device)
+        A.scatter_(1, idx, acts)  # (B, F)
+        return None, g_acts, A.T @ g_out  # grad W_dec (F, D)
+
+
+def sparse_decode(idx: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``(B, k)`` indices and values over ``W_dec (F, D)`` -> ``(B, D)``."""
+    return _SparseDecode.apply(idx, acts, W_dec)
+
+
+# --- the trainers --------------------------------------------------------------------------------
+def init_sae(cfg: TrainerConfig) -> SparseAutoencoder:
+    """Unit-norm random decoder rows, encoder = decoder transpose, zero biases (Gao et al.)."""
+    arch = "topk" if cfg.architecture == "topk" else "relu"
+    return SparseAutoencoder.random(cfg.d_in, cfg.d_sae, architecture=arch,
+                                    k=cfg.k if arch == "topk" else None, seed=cfg.seed)
+
+
+class SAETrainer:
+    """Optimiser, schedule, decoder-norm constraint and dead-latent tracking shared by trainers."""
+
+    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None):
+        self.cfg = cfg
+        self.sae = sae if sae is not None else init_sae(cfg)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
+        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # (F,)
+
+    # schedule: linear warm-up, constant, linear decay to 0 after decay_start
+    def lr_factor(self, step: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
+        decay_at = int(c.decay_start * c.total_steps)
+        if step >= decay_at and c.total_steps > decay_at:
+            warm *= max(0.0, (c.total_steps - step) / (c.total_steps - decay_at))
+        return warm
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """``b_dec`` starts at the mean of a sample of (normalised) activations ``(N, D)``."""
+        self.sae.b_dec.copy_(x.mean(0))
+
+    def _step(self, step: int, loss: torch.Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.learning_rate * self.lr_factor(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        W = self.sae.W_dec
+        with torch.no_grad():  # keep ||W_dec[i]|| = 1: drop the radial part of the gradient ...
+            W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
+        self.optimizer.step()
+        with torch.no_grad():  # ... and renormalise after the step
+            W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def _track(self, fired: torch.Tensor, n_tokens: int) -> float:
+        """``fired`` (F,) bool; returns the dead fraction."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        return float((self.tokens_since_fired >= self.cfg.dead_tokens).float().mean())
+
+    def update(self, step: int, x: torch.Tensor) -> StepStats:
+        raise NotImplementedError
+
+    # --- checkpoints: tensors + JSON-able scalars (no pickles) ---------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"sae.{n}": p.detach().clone() for n, p in self.sae.named_parameters()}
+        out["tokens_since_fired"] = self.tokens_since_fired.clone()
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            for key, val in st.items():
+                out[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(val).clone()
+        return out
+
+    def state_scalars(self) -> dict[str, float]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
+        with torch.no_grad():
+            for n, p in self.sae.named_parameters():
+                p.copy_(tensors[f"sae.{n}"])
+        self.tokens_since_fired = tensors["tokens_since_fired"].clone()
+        for n, p in self.sae.named_parameters():
+            keys = [k for k in tensors if k.startswith(f"opt.{n}.")]
+            if keys:
+                self.optimizer.state[p] = {k.rsplit(".", 1)[-1]: tensors[k].clone() for k in keys}
+
+
+def _fve(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[float, float]:
+    sse = (x_hat - x).pow(2).sum()
+    tv = (x - x.mean(0)).pow(2).sum()
+    return float(sse) / x.shape[0], float(1 - sse / tv)
+
+
+class TopKTrainer(SAETrainer):
+    """TopK SAE + AuxK (Gao et al. 2024). Loss = FVU + auxk_alpha * AuxK-FVU of the residual."""
+
+    def update(self, step: int, x: torch.Tensor) -> StepStats:  # x (B, D), normalised
+        sae, c = self.sae, self.cfg
+        acts, idx, pre = _TopKEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, c.k)  # (B, k) x2, (B, F)
+        x_hat = sparse_decode(idx, acts, sae.W_dec) + sae.b_dec  # (B, D)
+        e = x_hat - x
+        total_var = (x - x.mean(0)).pow(2).sum()
+        loss = e.pow(2).sum() / total_var
+        fired = torch.zeros(c.d_sae, dtype=torch.bool)
+        fired[idx[acts > 0]] = True
+        dead_frac = self._track(fired, x.shape[0])
+        dead = self.tokens_since_fired >= c.dead_tokens  # (F,)
+        aux = torch.zeros(())
+        n_dead = int(dead.sum())
+        if c.auxk_alpha > 0 and n_dead > 0:
+            k_aux = min(c.d_in // 2, n_dead)
+            scale = min(n_dead / (c.d_in // 2), 1.0)
+            aux_vals, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+            e_hat = sparse_decode(aux_idx, aux_vals.clamp_min(0), sae.W_dec)  # (B, D)
+            aux = scale * (e_hat + e.detach()).pow(2).sum() / total_var  # predicts x - x_hat
+            loss = loss + c.auxk_alpha * aux
+        self._step(step, loss)
+        with torch.no_grad():
+            mse, fve = _fve(x, x_hat)
+            l0 = float((acts > 0).sum(-1).float().mean())
+        return StepStats(float(loss.detach()), mse, fve, l0, float(aux.detach()), dead_frac)
+
+
+class ReLUL1Trainer(SAETrainer):
+    """ReLU SAE with penalty ``lambda * sum_i (f_i ||d_i||)^p``; p anneals from p_start to p_end
+    after ``anneal_start`` and lambda is rescaled at each change of p so the penalty keeps its
+    scale (Karvonen et al. 2024)."""
+
+    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None):
+        super().__init__(cfg, sae)
+        self.p = cfg.p_start
+        self.l1_coeff = cfg.l1_coeff
+
+    def p_at(self, step: int) -> float:
+        c = self.cfg
+        start = int(c.anneal_start * c.total_steps)
+        if step < start or c.total_steps <= start:
+            return c.p_start
+        frac = (step - start) / (c.total_steps - start)
+        return c.p_start + (c.p_end - c.p_start) * frac
+
+    def update(self, step: int, x: torch.Tensor) -> StepStats:
+        sae, c = self.sae, self.cfg
+        f = torch.relu(sae.pre_acts(x))  # (B, F)
+        x_hat = sae.decode(f)  # (B, D)
+        e = x_hat - x
+        total_var = (x - x.mean(0)).pow(2).sum()
+        mse_term = e.pow(2).sum(-1).mean()
+        fn = f * sae.W_dec.norm(dim=-1)  # (B, F)
+        p_new = self.p_at(step)
+        if p_new != self.p:
+            with torch.no_grad():  # keep lambda * ||f||_p^p on the same scale across the change of p
+                old = fn.pow(self.p).sum(-1).mean()
+                new = fn.pow(p_new).sum(-1).mean()
+                if new > 0:
+                    self.l1_coeff *= float(old / new)
+            self.p = p_new
+        on = fn > 0
+        penalty = (torch.where(on, fn, 1.0).pow(self.p) * on).sum(-1).mean()  # 0^p without NaN grads
+        warm = min(1.0, (step + 1) / max(1, c.sparsity_warmup_steps))
+        loss = mse_term + warm * self.l1_coeff * penalty
+        fired = (f > 0).any(0)
+        dead_frac = self._track(fired, x.shape[0])
+        self._step(step, loss)
+        with torch.no_grad():
+            mse = float(e.pow(2).sum() / x.shape[0])
+            fve = float(1 - e.pow(2).sum() / total_var)
+            l0 = float((f > 0).sum(-1).float().mean())
+        return StepStats(float(loss.detach()), mse, fve, l0, float(penalty.detach()), dead_frac)
+
+    def state_scalars(self) -> dict[str, float]:
+        return {"p": self.p, "l1_coeff": self.l1_coeff}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
+        super().load_state(tensors, scalars)
+        self.p = scalars.get("p", self.p)
+        self.l1_coeff = scalars.get("l1_coeff", self.l1_coeff)
+
+
+def make_trainer(cfg: TrainerConfig, sae: SparseAutoencoder | None = None) -> SAETrainer:
+    return (TopKTrainer if cfg.architecture == "topk" else ReLUL1Trainer)(cfg, sae)
+
+
+__all__ = ["TrainerConfig", "StepStats", "SAETrainer", "TopKTrainer", "ReLUL1Trainer", "make_trainer",
+           "sparse_decode", "init_sae"]

@@ -1,0 +1,69 @@
+"""Feature ranking on a planted signal, the sparse vector, AUROC, and find_features on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_byte_tokenizer, make_tiny_model
+from steerplug.pipeline.examples import Example
+from steerplug.pipeline.features import FeatureConfig, auroc, build_vector, find_features, rank_features
+from steerplug.sae import SparseAutoencoder
+from steerplug.vector import SteeringVector
+
+
+def test_rank_features_finds_planted_signal():
+    g = torch.Generator().manual_seed(0)
+    F = 200
+    harm = torch.rand(80, F, generator=g)
+    safe = torch.rand(80, F, generator=g)
+    harm[:, [3, 17, 42]] += 1.0   # more active when complying
+    safe[:, [5, 99]] += 1.5       # more active when refusing
+    r = rank_features(harm, safe)
+    assert set(r.score.topk(3).indices.tolist()) == {3, 17, 42}
+    assert set((-r.score).topk(2).indices.tolist()) == {5, 99}
+    v = build_vector(r.score, n_positive=3, n_negative=2)
+    idx, vals = v.support()
+    assert dict(zip(idx.tolist(), (vals > 0).tolist())) == {3: True, 17: True, 42: True, 5: False, 99: False}
+    assert float(vals.abs().max()) == pytest.approx(1.0)
+    # the vector separates fresh samples from the two distributions
+    h2, s2 = torch.rand(50, F, generator=g), torch.rand(50, F, generator=g)
+    h2[:, [3, 17, 42]] += 1.0
+    s2[:, [5, 99]] += 1.5
+    assert auroc(h2 @ v.dense(), s2 @ v.dense()) > 0.95
+
+
+def test_rank_features_ignores_silent_features_and_checks_shapes():
+    harm, safe = torch.zeros(4, 6), torch.zeros(4, 6)
+    harm[:, 1], safe[:, 2] = torch.tensor([1., 2., 1., 2.]), 1.0
+    r = rank_features(harm, safe)
+    assert r.score[0] == 0 and r.score[1] > 0 and r.score[2] < 0
+    with pytest.raises(ValueError, match="widths"):
+        rank_features(torch.zeros(3, 4), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="empty"):
+        FeatureConfig(n_positive=0, n_negative=0)
+
+
+def test_auroc():
+    assert auroc(torch.tensor([2., 3.]), torch.tensor([0., 1.])) == 1.0
+    assert auroc(torch.tensor([0., 1.]), torch.tensor([2., 3.])) == 0.0
+    assert auroc(torch.tensor([1.]), torch.tensor([1.])) == 0.5
+
+
+def test_find_features_on_tiny_model(tmp_path):
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    sae = SparseAutoencoder.random(64, 128, architecture="topk", k=8, seed=0,
+                                   hook_name="blocks.1.hook_resid_post")
+    qs = [f"how do I do bad thing {i}?" for i in range(8)]
+    comply = [Example(messages=[{"role": "user", "content": q}], answer="Sure, here is how " + "a" * i,
+                      labels={"answer_kind": "compliant"}) for i, q in enumerate(qs)]
+    refuse = [Example(messages=[{"role": "user", "content": q}], answer="I can't help with that " + "b" * i,
+                      labels={"answer_kind": "refusal"}) for i, q in enumerate(qs)]
+    cfg = FeatureConfig(n_positive=4, n_negative=4, heldout_fraction=0.25, progress=False, n_contexts=2)
+    res = find_features(model, tok, sae, cfg, tmp_path, examples=(comply, refuse))
+    assert 0 < res.vector.nnz <= 8
+    assert res.report["n_heldout"] == 2 and 0.0 <= res.report["heldout_auroc"] <= 1.0
+    v = SteeringVector.from_pretrained(tmp_path / "vector")
+    assert v.nnz == res.vector.nnz and v.metadata.hook_name == "blocks.1.hook_resid_post"
+    md = (tmp_path / "features_report.md").read_text()
+    assert "| feature |" in md and "[[" in md

@@ -1,0 +1,132 @@
+"""Trainers and the training loop: they learn, keep unit-norm decoders, fold the scale, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerplug.pipeline import train as T
+from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, make_trainer, sparse_decode
+from steerplug.sae import SparseAutoencoder
+
+
+def planted(n=6000, d=32, f=96, p=0.04, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dic = torch.randn(f, d, generator=g)
+    dic /= dic.norm(dim=-1, keepdim=True)
+    codes = (torch.rand(n, f, generator=g) < p).float() * torch.rand(n, f, generator=g) * 4
+    return codes @ dic + 3.0  # an offset and a scale far from 1, to exercise b_dec and normalisation
+
+
+def _fve(sae, x):
+    x_hat = sae(x).reconstruction
+    return float(1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_topk_autograd_matches_reference():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, dtype=torch.double)
+    W = torch.randn(8, 32, dtype=torch.double, requires_grad=True)
+    b = torch.randn(32, dtype=torch.double, requires_grad=True)
+    bd = torch.randn(8, dtype=torch.double, requires_grad=True)
+    Wd = torch.randn(32, 8, dtype=torch.double, requires_grad=True)
+
+    def fast():
+        a, i, pre = _TopKEncode.apply(x, W, b, bd, 4)
+        return (sparse_decode(i, a, Wd) + bd).pow(2).sum() + 0.1 * pre.sin().sum()
+
+    def ref():
+        pre = (x - bd) @ W + b
+        v, i = pre.topk(4)
+        return ((v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1) + bd).pow(2).sum() + 0.1 * pre.sin().sum()
+
+    for g1, g2 in zip(torch.autograd.grad(fast(), [W, b, bd, Wd]), torch.autograd.grad(ref(), [W, b, bd, Wd])):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_trainer_learns_and_keeps_unit_decoder(arch):
+    x = planted()
+    loop = T.TrainConfig(batch_size=256, total_tokens=256 * 300, progress=False, checkpoint_every=0)
+    tc = TrainerConfig(d_in=32, d_sae=96, total_steps=loop.total_steps, architecture=arch, k=6, lr=3e-3,
+                       warmup_steps=10, dead_tokens=3000, l1_coeff=0.02, sparsity_warmup_steps=30)
+    trainer = make_trainer(tc)
+    xs = x[:1024] * T.activation_scale(x)
+    before = trainer.update(0, xs).mse
+    res = T.train_sae(x, tc, loop)
+    assert res.history[-1]["mse"] < 0.3 * before
+    assert _fve(res.sae, x) > 0.6  # the folded SAE reads raw activations
+    # the saved SAE has decoder rows of norm 1/scale (unit norm while training)
+    norms = res.sae.W_dec.norm(dim=-1) * res.scale
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=1e-4)
+    if arch == "topk":
+        assert res.history[-1]["l0"] <= 6
+    else:
+        assert res.history[-1]["l0"] < 96 * 0.8  # the penalty makes it sparse
+
+
+def test_relu_p_annealing_schedule():
+    tc = TrainerConfig(d_in=8, d_sae=16, total_steps=100, architecture="relu", p_start=1.0, p_end=0.5,
+                       anneal_start=0.5)
+    tr = make_trainer(tc)
+    assert tr.p_at(10) == 1.0 and tr.p_at(49) == 1.0
+    assert tr.p_at(75) == pytest.approx(0.75) and tr.p_at(99) < 0.52
+    x = torch.randn(64, 8)
+    tr.update(60, x)
+    assert tr.p == pytest.approx(tr.p_at(60)) and tr.l1_coeff != tc.l1_coeff  # rescaled on the change of p
+
+
+def test_fold_scale_is_exact():
+    sae = SparseAutoencoder.random(16, 40, architecture="topk", k=5, seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(50, 16) * 7
+    s = 0.37
+    out_norm = sae(x * s)
+    folded = T.fold_scale(sae, s)
+    out_raw = folded(x)
+    torch.testing.assert_close(out_raw.features, out_norm.features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_raw.reconstruction, out_norm.reconstruction / s, atol=1e-4, rtol=1e-4)
+
+
+def test_training_resumes_from_checkpoint_exactly(tmp_path, monkeypatch):
+    x = planted(n=3000)
+    loop = T.TrainConfig(batch_size=128, total_tokens=128 * 40, progress=False, checkpoint_every=10, log_every=5)
+    tc = TrainerConfig(d_in=32, d_sae=64, total_steps=loop.total_steps, k=4, lr=2e-3, warmup_steps=5,
+                       dead_tokens=500)
+    full = T.train_sae(x, tc, loop, tmp_path / "full")
+
+    from steerplug.pipeline import trainers
+
+    real = trainers.TopKTrainer.update
+
+    def crash(self, step, batch):
+        if step == 25:
+            raise KeyboardInterrupt
+        return real(self, step, batch)
+
+    monkeypatch.setattr(trainers.TopKTrainer, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_sae(x, tc, loop, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / T.CHECKPOINT_DIR / "state.json").is_file()
+    monkeypatch.setattr(trainers.TopKTrainer, "update", real)
+    again = T.train_sae(x, tc, loop, tmp_path / "resumed")
+    for (n, p), (_, q) in zip(full.sae.named_parameters(), again.sae.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert not (tmp_path / "resumed" / T.CHECKPOINT_DIR).exists()
+    loaded = SparseAutoencoder.from_pretrained(tmp_path / "resumed")
+    assert loaded.cfg.architecture == "topk" and loaded.cfg.k == 4
+    assert (tmp_path / "resumed" / T.PLOT_NAME).is_file()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="architecture"):
+        TrainerConfig(d_in=4, d_sae=8, total_steps=1, architecture="gated")
+    with pytest.raises(ValueError, match="k=9"):
+        TrainerConfig(d_in=4, d_sae=8, total_steps=1, k=9)
+    with pytest.raises(ValueError, match="save_dtype"):
+        T.TrainConfig(save_dtype="int8")
+    with pytest.raises(ValueError, match="total_steps"):
+        T.train_sae(torch.randn(100, 4), TrainerConfig(d_in=4, d_sae=8, total_steps=3, k=2),
+                    T.TrainConfig(batch_size=10, total_tokens=100, progress=False))
