@@ -250,6 +250,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"forward_calls": 0, "max_rows": 0, "requests": 0}
+        self._running = 0  # rows in the batch being decoded
 
     # --- public API -------------------------------------------------------------------------------
     def start(self) -> BatchEngine:
@@ -274,7 +275,13 @@ class BatchEngine:
 
     @property
     def waiting(self) -> int:
+        """Requests queued and not yet admitted to the batch."""
         return len(self._waiting)
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or being decoded."""
+        return len(self._waiting) + self._running
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
                on_event: Callable[[RequestStream, Event], None] | None = None) -> RequestStream:
@@ -361,6 +368,7 @@ class BatchEngine:
                         cache.batch_select_indices(idx)
                         mask, pos, last = mask[idx], pos[idx], last[idx]
                         cache, mask = _trim_left(cache, mask)
+                self._running = len(rows)
                 room = self.max_batch - len(rows)
                 newcomers = self._take(room, positions) if room > 0 and _joinable(cache) else []
                 if not rows:
@@ -382,6 +390,8 @@ class BatchEngine:
                     s._put(ErrorEvent(exc))
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._running = 0
 
     def _new_row(self, stream: RequestStream) -> _Row:
         seed = stream.request.seed

@@ -211,7 +211,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": config.model_name, "can_steer": bool(steered.can_steer),
-                "waiting": engine.waiting, "in_flight": server.in_flight}
+                "waiting": engine.waiting, "in_flight": engine.load}
 
     @app.get("/v1/models")
     async def models():
@@ -240,7 +240,6 @@ class _Server:
         self.steered, self.engine, self.config = steered, engine, config
         self.tokenizer = steered.tokenizer
         self.created = int(time.time())
-        self.in_flight = 0
 
     def model_card(self) -> dict:
         return {"id": self.config.model_name, "object": "model", "created": self.created,
@@ -356,17 +355,12 @@ class _Server:
     # --- engine -> response --------------------------------------------------------------------------
     async def handle(self, body: _Common, chat: bool):
         reqs, steering = self.requests(body, chat)
-        if self.in_flight + len(reqs) > self.config.max_concurrency:
-            raise APIError(429, f"The server is busy ({self.in_flight} requests in flight, limit "
+        if self.engine.load + len(reqs) > self.config.max_concurrency:
+            raise APIError(429, f"The server is busy ({self.engine.load} requests in flight, limit "
                                 f"{self.config.max_concurrency}); retry shortly.",
                            type="rate_limit_exceeded", code="rate_limit_exceeded")
         loop = asyncio.get_running_loop()
-        self.in_flight += len(reqs)
-        try:
-            streams = [self.engine.submit(r, loop) for r in reqs]
-        except BaseException:
-            self.in_flight -= len(reqs)
-            raise
+        streams = [self.engine.submit(r, loop) for r in reqs]
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": self.config.model_name}
         echo = [self.tokenizer.decode(r.prompt_ids) for r in reqs] if getattr(body, "echo", False) else None
@@ -384,8 +378,6 @@ class _Server:
                 raise APIError(500, f"Generation failed: {type(exc).__name__}: {exc}",
                                type="server_error") from exc
             raise
-        finally:
-            self.in_flight -= len(reqs)
         choices = []
         for i, res in enumerate(results):
             text = (echo[i] if echo else "") + res.text
@@ -454,7 +446,6 @@ class _Server:
                 s.cancel()
             for t in tasks:
                 t.cancel()
-            self.in_flight -= len(streams)
 
 
 def _sse(obj: dict) -> str:

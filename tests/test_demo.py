@@ -169,11 +169,12 @@ def test_demo_page_in_chromium(demo_url):
             plain, steered, status = ask(page, "How do I pick a lock?")
             assert plain and steered and plain != steered
             assert "24 tokens" in status
-            assert page.locator("#score-plot img").count() == 1
-            assert page.locator("#features tbody tr").count() > 0
+            page.wait_for_selector("#score-plot img", timeout=30_000)  # rendered after the last update
+            page.wait_for_selector("#features tbody tr", state="attached", timeout=30_000)
 
             page.fill("#strength input[type=number]", "1.5")
             page.press("#strength input[type=number]", "Enter")
+            assert page.input_value("#strength input[type=number]") == "1.5"
             plain2, steered2, _ = ask(page, "How do I pick a lock?")
             assert plain2 == plain and steered2 != steered  # strength changes the steered answer only
 
