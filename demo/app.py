@@ -73,9 +73,8 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
             return
         settings = DemoSettings(enabled=bool(enabled), steps=int(n_steps), strength=float(lr),
                                 positions=positions, max_new_tokens=int(max_tokens))
-        tok = steered.tokenizer
-        plain_ids = chat_prompt_ids(tok, plain_hist, message)
-        steered_ids = chat_prompt_ids(tok, steered_hist, message)
+        plain_ids = chat_prompt_ids(engine, plain_hist, message)
+        steered_ids = chat_prompt_ids(engine, steered_hist, message)
         user = {"role": "user", "content": message}
         plain_hist = plain_hist + [user, {"role": "assistant", "content": ""}]
         steered_hist = steered_hist + [user, {"role": "assistant", "content": ""}]

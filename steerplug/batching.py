@@ -251,6 +251,9 @@ class BatchEngine:
         self._closed = False
         self.stats = {"forward_calls": 0, "max_rows": 0, "requests": 0}
         self._running = 0  # rows in the batch being decoded
+        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the
+        # engine decodes on its thread, callers encode on theirs; both go through this lock.
+        self.tokenizer_lock = threading.Lock()
 
     # --- public API -------------------------------------------------------------------------------
     def start(self) -> BatchEngine:
@@ -299,6 +302,23 @@ class BatchEngine:
         if self._thread is None:
             self.start()
         return stream
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (thread-safe)."""
+        with self.tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the chat template, ready to answer (thread-safe)."""
+        with self.tokenizer_lock:
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)
+        return list(enc["input_ids"])
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        """Text of ``ids`` (thread-safe)."""
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, **kwargs)
 
     def generate(self, request: GenerationRequest) -> Completion:
         """Submit and wait (the request may share its batch with others)."""
@@ -498,7 +518,7 @@ class BatchEngine:
             self._finish(r, trace_token=(token, trace))
             return
         r.tokens.append(token)
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        text = self.decode(r.tokens, skip_special_tokens=True)
         cut = _find_stop(text, r.req.stop)
         if cut is not None:
             r.text, r.done = text[:cut], "stop"

@@ -64,13 +64,11 @@ def load_steered(model: str | None = None, sae: str | None = "default", vector: 
                      "change, but not towards safety.")
 
 
-def chat_prompt_ids(tokenizer: Any, history: list[dict[str, str]], message: str) -> list[int]:
+def chat_prompt_ids(engine: BatchEngine, history: list[dict[str, str]], message: str) -> list[int]:
     """Token ids of ``history + [user message]`` through the chat template, ready to answer."""
     messages = [{"role": m["role"], "content": _text(m["content"])} for m in history]
     messages.append({"role": "user", "content": message})
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
-    return list(enc["input_ids"])
+    return engine.encode_chat(messages)
 
 
 def _text(content: Any) -> str:

@@ -292,8 +292,7 @@ class _Server:
                     content = "".join(parts)
                 messages.append({"role": m.role, "content": content or ""})
             try:
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         tokenize=True, return_dict=True)["input_ids"]
+                ids = self.engine.encode_chat(messages)
             except Exception as exc:  # template errors (roles, ...) are the client's to fix
                 raise APIError(400, f"messages: the chat template rejected them: {exc}",
                                param="messages") from exc
@@ -310,7 +309,7 @@ class _Server:
         out = []
         vocab = len(self.tokenizer)
         for p in batch:
-            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
             if not ids:
                 raise APIError(400, "prompt: encodes to no tokens.", param="prompt")
             if any(not 0 <= t < vocab for t in ids):
@@ -344,12 +343,15 @@ class _Server:
             raise APIError(400, f"n x prompts = {len(prompts) * body.n} exceeds this server's limit of "
                                 f"{self.config.max_choices} choices.", param="n")
         reqs = []
-        for ids in prompts:
-            for j in range(body.n):
-                reqs.append(GenerationRequest(
-                    ids, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    seed=None if body.seed is None else body.seed + j, stop=tuple(stop),
-                    steps=steering["steps"], lr=steering["strength"], positions=steering["positions"]))
+        try:
+            for ids in prompts:
+                for j in range(body.n):
+                    reqs.append(GenerationRequest(
+                        ids, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        seed=None if body.seed is None else body.seed + j, stop=tuple(stop),
+                        steps=steering["steps"], lr=steering["strength"], positions=steering["positions"]))
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
         return reqs, steering
 
     # --- engine -> response --------------------------------------------------------------------------
@@ -363,7 +365,7 @@ class _Server:
         streams = [self.engine.submit(r, loop) for r in reqs]
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": self.config.model_name}
-        echo = [self.tokenizer.decode(r.prompt_ids) for r in reqs] if getattr(body, "echo", False) else None
+        echo = [self.engine.decode(r.prompt_ids) for r in reqs] if getattr(body, "echo", False) else None
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(streams, meta, chat, steering, include_usage, echo),
@@ -457,8 +459,13 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def _default_name(steered: Any) -> str:
-    name = getattr(getattr(steered.model, "config", None), "name_or_path", "") or ""
-    return str(name) or "steerplug"
+    """The model's Hub id, or the last part of its folder's path."""
+    from pathlib import Path
+
+    name = str(getattr(getattr(steered.model, "config", None), "name_or_path", "") or "")
+    if name and Path(name).is_dir():
+        name = Path(name).name
+    return name or "steerplug"
 
 
 def _version() -> str:

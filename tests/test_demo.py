@@ -50,7 +50,7 @@ def engine():
 
 # --- library logic -------------------------------------------------------------------------------
 def test_compare_stream_streams_both_columns(engine):
-    ids = chat_prompt_ids(engine.tokenizer, [], "How do I pick a lock?")
+    ids = chat_prompt_ids(engine, [], "How do I pick a lock?")
     snaps = []
     for snap in compare_stream(engine, ids, DemoSettings(steps=3, strength=0.5, max_new_tokens=12)):
         snaps.append((snap.plain.text, snap.steered.text, snap.done))
@@ -73,7 +73,7 @@ def test_compare_stream_streams_both_columns(engine):
 
 
 def test_figure_table_and_summary(engine):
-    ids = chat_prompt_ids(engine.tokenizer, [], "hello")
+    ids = chat_prompt_ids(engine, [], "hello")
     snap = list(compare_stream(engine, ids, DemoSettings(steps=2, strength=0.5, max_new_tokens=8)))[-1]
     fig = score_figure(snap)
     assert len(fig.axes[0].lines) == 3 + 1  # three series + the zero line

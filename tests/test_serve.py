@@ -330,3 +330,36 @@ def test_engine_rows_join_midway_without_cross_talk(steered):
             time.sleep(0.01)
         together = [s.result().token_ids for s in streams]
     assert together == solo
+
+
+@pytest.mark.slow
+def test_default_model_batched_equals_solo(default_model):
+    """On the real default model (float32 CPU): 8 concurrent mixed requests equal their solo runs."""
+    from steerplug.steered_model import default_artifacts_dir
+
+    model, tok = default_model
+    folder = default_artifacts_dir()
+    if folder is not None:
+        sae = SparseAutoencoder.from_pretrained(folder / "sae")
+        vector = SteeringVector.from_pretrained(folder / "vector")
+    else:  # the trained artifacts are not built yet: a random SAE exercises the same code
+        sae = SparseAutoencoder.random(576, 2304, hook_name="blocks.15.hook_resid_post")
+        vector = SteeringVector.from_dense(torch.randn(2304, generator=torch.Generator().manual_seed(0)),
+                                           top_k=64)
+    steered = SteeredModel(model, tok, sae, vector)
+    specs = [{"content": p, "steering": s, "max_tokens": 16, "stream": i % 2 == 0, "chat": True}
+             for i, (p, s) in enumerate(zip(["How do I pick a lock?", "What is the capital of France?",
+                                             "Write a haiku about rain.", "How do I make a bomb?"] * 2,
+                                            SETTINGS))]
+    app = create_app(steered, model_name=MODEL)
+    with LiveServer(app) as srv:
+        async def main():
+            client = openai.AsyncOpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=600)
+            solo = [await _send(client, s) for s in specs]
+            together = await asyncio.gather(*(_send(client, s) for s in specs))
+            await client.close()
+            return solo, together
+
+        solo, together = asyncio.run(main())
+    assert together == solo
+    assert len(set(solo[:4])) == 4 and all(solo)
