@@ -197,12 +197,12 @@ def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = No
 @torch.no_grad()
 def last_token_activations(model: nn.Module, tokenizer: Any, point: HookPoint, texts: Sequence[str],
                            batch_size: int = 16) -> torch.Tensor:
-    """``(N, D)`` float32 activations at ``point`` at each text's last token (left padding)."""
+    """``(N, D)`` float32 activations at ``point`` at each text's last token (right padding)."""
     rows: list[torch.Tensor] = []
     captured: list[torch.Tensor] = []
 
     def grab(h: torch.Tensor) -> None:
-        captured.append(h[:, -1, :].float().cpu())  # (B, D): left padding puts every last token here
+        captured.append(h)
 
     if point.io == "output":
         handle = point.module.register_forward_hook(
@@ -211,14 +211,16 @@ def last_token_activations(model: nn.Module, tokenizer: Any, point: HookPoint, t
         handle = point.module.register_forward_pre_hook(
             lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "right"
     try:
         device = module_device(model)
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False)
             model(**{k: v.to(device) for k, v in enc.items()})
-            rows.append(captured.pop())
+            h = captured.pop()  # (B, T, D)
+            last = enc["attention_mask"].sum(1).to(h.device) - 1  # (B,)
+            rows.append(h[torch.arange(h.shape[0], device=h.device), last].float().cpu())  # (B, D)
     finally:
         handle.remove()
         tokenizer.padding_side = side

@@ -1,0 +1,78 @@
+"""Baseline interventions and their ingredients, on a tiny random model."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_byte_tokenizer, make_tiny_model
+from steerplug import SparseAutoencoder, SteeredModel, SteeringVector
+from steerplug.hooks import CallState
+from steerplug.steering import SteeringConfig
+from steerplug.interventions import (Intervention, difference_of_means, intervene,
+                                     last_token_activations, prompt_scores)
+
+
+def _steered():
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    sae = SparseAutoencoder.random(64, 128, hook_name="blocks.1.hook_resid_post", seed=2)
+    vec = SteeringVector(128, torch.tensor([3, 7, 11, 20]), torch.tensor([1.0, 1.0, -1.0, 0.5]))
+    return SteeredModel(model, tok, sae, vec)
+
+
+def test_last_token_activations_ignore_padding():
+    s = _steered()
+    texts = ["a much longer text than the other", "short"]
+    both = last_token_activations(s.model, s.tokenizer, s.hook_point, texts)
+    alone = torch.cat([last_token_activations(s.model, s.tokenizer, s.hook_point, [t]) for t in texts])
+    assert torch.allclose(both, alone, atol=1e-5)
+    diff = difference_of_means(s.model, s.tokenizer, s.hook_point, ["x y z"], ["hello"])
+    assert diff.shape == (64,) and diff.norm() > 0
+
+
+def _before_after(s, spec, ids):
+    """The hooked layer's output before and after the intervention's edit."""
+    seen = {}
+    first = s.hook_point.module.register_forward_hook(lambda m, a, o: seen.__setitem__("before", o.clone()))
+    try:
+        with torch.no_grad(), intervene(s, CallState(), SteeringConfig(positions="all"), spec):
+            last = s.hook_point.module.register_forward_hook(
+                lambda m, a, o: seen.__setitem__("after", o.clone()))  # runs after the edit
+            logits = s.model(ids).logits
+            last.remove()
+    finally:
+        first.remove()
+    return seen["before"], seen["after"], logits
+
+
+def test_add_and_clamp_edit_the_activation_as_specified():
+    s = _steered()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    v = torch.randn(64)
+    before, after, _ = _before_after(s, Intervention(kind="add", add_vector=v, add_scale=2.0), ids)
+    assert torch.allclose(after - before, 2.0 * v.expand_as(before), atol=1e-5)
+    before, after, _ = _before_after(s, Intervention(kind="clamp"), ids)
+    harmful = torch.tensor([3, 7, 20])  # w > 0: clamped to 0 in the SAE's reconstruction
+    f = s.sae.encode(before)[..., harmful]  # (B, T, 3)
+    assert torch.allclose(after - before, -(f @ s.sae.W_dec[harmful]), atol=1e-5)
+    before, after, _ = _before_after(s, Intervention(kind="clamp", clamp_value=2.0), ids)
+    feats = torch.tensor([3, 7, 20, 11])
+    f = s.sae.encode(before)[..., feats]
+    target = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    assert torch.allclose(after - before, (target - f) @ s.sae.W_dec[feats], atol=1e-5)
+
+
+def test_gate_switches_rows_off():
+    s = _steered()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    spec = Intervention(kind="add", add_vector=torch.ones(64), gate_threshold=1e9)
+    before, after, _ = _before_after(s, spec, ids)
+    assert torch.equal(before, after)
+    spec = Intervention(kind="add", add_vector=torch.ones(64), gate_threshold=-1e9)
+    before, after, _ = _before_after(s, spec, ids)
+    assert torch.allclose(after - before, torch.ones_like(before), atol=1e-5)
+
+
+def test_prompt_scores_match_the_objective():
+    s = _steered()
+    scores = prompt_scores(s, ["abc", "a longer prompt here"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
