@@ -78,10 +78,7 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
         user = {"role": "user", "content": message}
         plain_hist = plain_hist + [user, {"role": "assistant", "content": ""}]
         steered_hist = steered_hist + [user, {"role": "assistant", "content": ""}]
-        if plain_ids == steered_ids:
-            snaps = compare_stream(engine, plain_ids, settings)
-        else:  # the conversations have diverged: each column continues its own
-            snaps = _two_prompts(plain_ids, steered_ids, settings)
+        snaps = compare_stream(engine, plain_ids, settings, steered_prompt_ids=steered_ids)
         snap = None
         for i, snap in enumerate(snaps):
             plain_hist[-1]["content"] = snap.plain.text
@@ -94,17 +91,6 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
         status = summary(snap) + " · done" + (f"\n\n**Error:** {'; '.join(errors)}" if errors else "")
         yield (plain_hist, steered_hist, "", score_figure(snap),
                feature_table(snap, steered.vector), status)
-
-    def _two_prompts(plain_ids, steered_ids, settings):
-        from steerplug.demo_utils import CompareSnapshot
-
-        off = DemoSettings(**{**settings.__dict__, "enabled": False})
-        a, b = compare_stream(engine, plain_ids, off), compare_stream(engine, steered_ids, settings)
-        snap_a = snap_b = None
-        for snap_a in a:
-            pass
-        for snap_b in b:
-            yield CompareSnapshot(snap_a.plain, snap_b.steered)
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}\n\nSteering at `{where}` with `{steered.vector!r}`.")

@@ -325,20 +325,19 @@ class BatchEngine:
         return self.submit(request).result()
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _take(self, n: int, positions: str | None) -> list[RequestStream]:
-        """Up to ``n`` waiting requests (with ``positions`` if given), dropping cancelled ones."""
+    def _take(self, n: int) -> list[RequestStream]:
+        """Up to ``n`` waiting requests, first come first served, dropping cancelled ones."""
         taken: list[RequestStream] = []
         with self._cond:
-            for stream in list(self._waiting):
-                if len(taken) >= n:
-                    break
-                if stream.cancelled:
-                    self._waiting.remove(stream)
-                elif positions is None or stream.request.positions == positions:
-                    positions = stream.request.positions
-                    self._waiting.remove(stream)
+            while self._waiting and len(taken) < n:
+                stream = self._waiting.popleft()
+                if not stream.cancelled:
                     taken.append(stream)
         return taken
+
+    def _put_back(self, streams: list[RequestStream]) -> None:
+        with self._cond:
+            self._waiting.extendleft(reversed(streams))
 
     def _loop(self) -> None:
         while True:
@@ -352,20 +351,32 @@ class BatchEngine:
                     return
             if self.batch_wait_s:
                 time.sleep(self.batch_wait_s)  # let a burst of concurrent requests arrive together
-            first = self._take(self.max_batch, None)
+            first = self._take(self.max_batch)
             if first:
                 self._run(first)
 
     @torch.inference_mode()
     def _run(self, streams: list[RequestStream]) -> None:
-        positions = streams[0].request.positions
+        """Decode until no row is left, admitting newcomers between steps while the cache allows.
+
+        ``positions`` only matters for the prompt: newcomers are prefilled in one forward pass per
+        ``positions`` value, and in decode steps a ``prompt`` row is simply not steered (``generated``
+        and ``all`` both steer the one new position), so all of them share the batch.
+        """
         rows: list[_Row] = []
         cache = mask = pos = last = None
         newcomers = streams
         try:
             while True:
-                if newcomers:
-                    new_rows = [self._new_row(s) for s in newcomers]
+                groups: dict[str, list[RequestStream]] = {}
+                for stream in newcomers:
+                    groups.setdefault(stream.request.positions, []).append(stream)
+                for positions, group in groups.items():
+                    if rows and not _joinable(cache):  # this cache cannot grow: wait for a drain
+                        self._put_back(group)
+                        newcomers = [s for s in newcomers if s not in group]
+                        continue
+                    new_rows = [self._new_row(s) for s in group]
                     n_cache, n_mask, n_pos, n_last = self._prefill(new_rows, positions)
                     if rows:
                         cache, mask = _join(cache, mask, n_cache, n_mask)
@@ -390,14 +401,14 @@ class BatchEngine:
                         cache, mask = _trim_left(cache, mask)
                 self._running = len(rows)
                 room = self.max_batch - len(rows)
-                newcomers = self._take(room, positions) if room > 0 and _joinable(cache) else []
+                newcomers = self._take(room) if room > 0 and _joinable(cache) else []
                 if not rows:
                     if not newcomers:
                         return
                     continue
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B, T + 1)
                 logits, traces = self._forward(rows, last.unsqueeze(-1), mask, pos.unsqueeze(-1),
-                                               cache, positions, prefill_len=None)
+                                               cache, "generated", prefill_len=None)
                 pos = pos + 1
                 last = self._sample(rows, logits, traces)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear about it
@@ -448,8 +459,10 @@ class BatchEngine:
         per-row traces (or Nones)."""
         steered = self.steered
         device = ids.device
-        lr = torch.tensor([r.req.lr if r.req.steered else 0.0 for r in rows], device=device)  # (B,)
-        steps = torch.tensor([r.req.steps if r.req.steered else 0 for r in rows], device=device)
+        # In decode steps a `positions="prompt"` row is done being steered.
+        on = [r.req.steered and (prefill_len is not None or r.req.positions != "prompt") for r in rows]
+        lr = torch.tensor([r.req.lr if o else 0.0 for r, o in zip(rows, on)], device=device)  # (B,)
+        steps = torch.tensor([r.req.steps if o else 0 for r, o in zip(rows, on)], device=device)
         max_steps = int(steps.max()) if len(rows) else 0
         if prefill_len is not None:  # the prompt: steer per `positions` with the usual meaning
             state = CallState(gen_start=prefill_len - 1, prompt_end=prefill_len)

@@ -125,16 +125,17 @@ class CompareSnapshot:
         return self.plain.done and self.steered.done
 
 
-def compare_stream(engine: BatchEngine, prompt_ids: list[int], settings: DemoSettings
-                   ) -> Iterator[CompareSnapshot]:
+def compare_stream(engine: BatchEngine, prompt_ids: list[int], settings: DemoSettings,
+                   steered_prompt_ids: list[int] | None = None) -> Iterator[CompareSnapshot]:
     """Answer ``prompt_ids`` unsteered and steered (submitted together, so they share a batch) and
-    yield a snapshot after every event. Stopping the iteration cancels both requests."""
+    yield a snapshot after every event. ``steered_prompt_ids`` gives the steered column its own
+    prompt (a multi-turn chat whose columns have diverged). Stopping the iteration cancels both."""
     events: queue.Queue = queue.Queue()
     common = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                   seed=settings.seed, positions=settings.positions, trace=True)
     on = settings.enabled and engine.steered.can_steer
     plain_req = GenerationRequest(prompt_ids, steps=0, lr=0.0, **common)
-    steered_req = GenerationRequest(prompt_ids, steps=settings.steps if on else 0,
+    steered_req = GenerationRequest(steered_prompt_ids or prompt_ids, steps=settings.steps if on else 0,
                                     lr=settings.strength if on else 0.0, **common)
     snap = CompareSnapshot(Side(), Side())
 

@@ -72,6 +72,19 @@ def test_compare_stream_streams_both_columns(engine):
     assert off.plain.text == off.steered.text == final.plain.text
 
 
+def test_compare_stream_with_diverged_histories(engine):
+    a = chat_prompt_ids(engine, [], "first")
+    b = chat_prompt_ids(engine, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                        "first")
+    snap = list(compare_stream(engine, a, DemoSettings(enabled=False, max_new_tokens=6),
+                               steered_prompt_ids=b))[-1]
+    with engine.steered.disabled():
+        assert snap.plain.text == engine.steered.chat("first", max_new_tokens=6)
+        assert snap.steered.text == engine.steered.chat(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+             {"role": "user", "content": "first"}], max_new_tokens=6)
+
+
 def test_figure_table_and_summary(engine):
     ids = chat_prompt_ids(engine, [], "hello")
     snap = list(compare_stream(engine, ids, DemoSettings(steps=2, strength=0.5, max_new_tokens=8)))[-1]
@@ -146,12 +159,15 @@ def demo_url(tmp_path_factory):
 def test_demo_page_in_chromium(demo_url):
     from playwright.sync_api import sync_playwright
 
-    def ask(page, prompt: str) -> tuple[str, str, str]:
-        page.click("#clear")
-        page.wait_for_function("!document.querySelector('#status').innerText.includes('done')")
+    def ask(page, prompt: str, clear: bool = True) -> tuple[str, str, str]:
+        if clear:
+            page.click("#clear")
+            page.wait_for_function("!document.querySelector('#status').innerText.includes('done')")
+        before = page.evaluate("document.querySelector('#status').innerText")
         page.fill("#prompt textarea", prompt)
         page.click("#send")
-        page.wait_for_function("document.querySelector('#status').innerText.includes('done')",
+        page.wait_for_function("([prev]) => { const t = document.querySelector('#status').innerText;"
+                               " return t.includes('done') && t !== prev; }", arg=[before],
                                timeout=120_000)
         plain = page.locator("#plain-chat [data-testid=bot]").last.inner_text()
         steered = page.locator("#steered-chat [data-testid=bot]").last.inner_text()
@@ -181,5 +197,11 @@ def test_demo_page_in_chromium(demo_url):
             page.uncheck("#steer-on input")
             plain3, steered3, _ = ask(page, "How do I pick a lock?")
             assert steered3 == plain3 == plain  # steering off: both columns agree
+
+            page.check("#steer-on input")
+            plain4, steered4, _ = ask(page, "And then?", clear=False)  # a second turn
+            assert page.locator("#plain-chat [data-testid=bot]").count() == 2
+            assert page.locator("#steered-chat [data-testid=bot]").count() == 2
+            assert plain4 and steered4
         finally:
             browser.close()

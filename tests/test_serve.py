@@ -363,3 +363,18 @@ def test_default_model_batched_equals_solo(default_model):
         solo, together = asyncio.run(main())
     assert together == solo
     assert len(set(solo[:4])) == 4 and all(solo)
+
+
+def test_engine_mixed_positions_share_one_batch(steered):
+    """Rows steering different positions are prefilled per positions value, then decoded together."""
+    tok = steered.tokenizer
+    reqs = [GenerationRequest(tok(f"tell me about {w}")["input_ids"], max_new_tokens=8, steps=3, lr=0.6,
+                              positions=p)
+            for w in ("locks", "rivers") for p in ("generated", "prompt", "all")]
+    with BatchEngine(steered, max_batch=8, batch_wait_s=0.05) as engine:
+        solo = [engine.generate(r).token_ids for r in reqs]
+        engine.stats["max_rows"] = 0
+        together = [s.result().token_ids for s in [engine.submit(r) for r in reqs]]
+        assert engine.stats["max_rows"] == len(reqs)
+    assert together == solo
+    assert len({tuple(t) for t in solo[:3]}) == 3  # the three position modes really differ
