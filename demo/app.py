@@ -113,7 +113,7 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
                                    elem_id="max-tokens")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
-            plot = gr.Plot(label="encode(h) · w per generated token", elem_id="score-plot")
+            plot = gr.Plot(label="encode(h) · w per generated token", show_label=False, elem_id="score-plot")
             table = gr.Dataframe(headers=FEATURE_COLUMNS, label="Top active SAE features (steered answer)",
                                  elem_id="features", interactive=False)
         gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[msg], label="Example prompts")

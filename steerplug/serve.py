@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -488,7 +489,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="default steering steps per token")
     p.add_argument("--lr", type=float, default=None, help="default steering strength")
     p.add_argument("--positions", choices=POSITIONS, default=None, help="default positions to steer")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
+    p.add_argument("--api-key", default=os.environ.get("STEERPLUG_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $STEERPLUG_API_KEY, else none)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens per request")
     p.add_argument("--default-max-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=2048)

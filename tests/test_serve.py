@@ -378,3 +378,16 @@ def test_engine_mixed_positions_share_one_batch(steered):
         assert engine.stats["max_rows"] == len(reqs)
     assert together == solo
     assert len({tuple(t) for t in solo[:3]}) == 3  # the three position modes really differ
+
+
+def test_cli_serve_arguments(monkeypatch):
+    from steerplug.cli import build_parser
+    from steerplug import serve
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001
+    monkeypatch.setenv("STEERPLUG_API_KEY", "from-env")
+    serve.add_arguments(sub)
+    args = parser.parse_args(["serve", "--port", "9001", "--steps", "2", "--max-batch", "4"])
+    assert (args.host, args.port, args.steps, args.max_batch, args.api_key) == ("127.0.0.1", 9001, 2, 4, "from-env")
+    assert args._module == "steerplug.serve"
