@@ -245,6 +245,8 @@ class BatchEngine:
         # transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params or accepts_kwargs else {}
         self._waiting: deque[RequestStream] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -429,7 +431,9 @@ class BatchEngine:
         gen = None
         if stream.request.temperature > 0:
             gen = torch.Generator(device=self.steered.device)
-            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            # Any integer is a valid seed: fold it into torch's accepted range [0, 2**64).
+            gen.manual_seed(seed & (2**64 - 1) if seed is not None
+                            else int(torch.randint(0, 2**62, ()).item()))
         return _Row(stream, gen)
 
     def _prefill(self, rows: list[_Row], positions: str):
@@ -478,7 +482,7 @@ class BatchEngine:
                 after = _capture(steered.hook_point, "after", captured) if tracing else None
                 try:
                     out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                                     use_cache=True, **self._logits_kw, **{self._cache_kw: cache})
                 finally:
                     if after is not None:
                         after.remove()

@@ -160,6 +160,7 @@ def test_sampling_is_seeded(client):
     a = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
     b = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
     assert a.choices[0].message.content == b.choices[0].message.content
+    assert _chat(client, "Pick a word", temperature=1.0, seed=-(2**70), max_tokens=3).choices[0].message
 
 
 def test_stop_string(client):
