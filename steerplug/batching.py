@@ -251,7 +251,9 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.stats = {"forward_calls": 0, "max_rows": 0, "requests": 0}
+        # Counters: forward passes, the largest batch, requests admitted, requests that joined a
+        # batch already decoding.
+        self.stats = {"forward_calls": 0, "max_rows": 0, "requests": 0, "joined": 0}
         self._running = 0  # rows in the batch being decoded
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the
         # engine decodes on its thread, callers encode on theirs; both go through this lock.
@@ -381,6 +383,7 @@ class BatchEngine:
                     new_rows = [self._new_row(s) for s in group]
                     n_cache, n_mask, n_pos, n_last = self._prefill(new_rows, positions)
                     if rows:
+                        self.stats["joined"] += len(new_rows)
                         cache, mask = _join(cache, mask, n_cache, n_mask)
                         pos, last = torch.cat([pos, n_pos]), torch.cat([last, n_last])
                     else:
