@@ -393,3 +393,41 @@ def test_cli_serve_arguments(monkeypatch):
     args = parser.parse_args(["serve", "--port", "9001", "--steps", "2", "--max-batch", "4"])
     assert (args.host, args.port, args.steps, args.max_batch, args.api_key) == ("127.0.0.1", 9001, 2, 4, "from-env")
     assert args._module == "steerplug.serve"
+
+
+def test_client_disconnect_frees_the_row(live):
+    """Closing a stream mid-way cancels its row; the engine drains and the server keeps serving."""
+    engine = live.app.state.server.engine
+    with httpx.stream("POST", f"{live.url}/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
+                            "max_tokens": 64, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    deadline = time.time() + 30
+    while engine.load and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.load == 0
+    assert httpx.get(f"{live.url}/models").status_code == 200
+
+
+def test_generation_failure_is_500_and_server_survives(live, monkeypatch):
+    engine = live.app.state.server.engine
+    real = engine.model
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(engine, "model", broken)
+    client = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        _chat(client, "hi", max_tokens=3)
+    assert "simulated device failure" in err.value.body["message"]
+    with pytest.raises(openai.APIError, match="simulated device failure"):  # streamed: an error event
+        list(_chat(client, "hi", max_tokens=3, stream=True))
+    monkeypatch.setattr(engine, "model", real)
+    assert calls["n"] == 2
+    assert _chat(client, "hi", max_tokens=3).choices[0].message.content is not None
