@@ -322,6 +322,11 @@ class _Server:
         self.check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+        extra = body.model_extra or {}
+        for name in _UNSUPPORTED:
+            value = extra.get(name)
+            if value not in (None, [], {}, "", "none", "auto", {"type": "text"}, 1):
+                raise APIError(400, f"{name} is not supported by this server.", param=name)
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported by this server (use 0).", param=name)
@@ -449,6 +454,12 @@ class _Server:
                 s.cancel()
             for t in tasks:
                 t.cancel()
+
+
+# Request fields that would change the answer's meaning and that this server does not implement;
+# a request giving them a non-trivial value gets a 400 rather than a silently different answer.
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
+                "suffix", "best_of", "top_logprobs")
 
 
 def _sse(obj: dict) -> str:

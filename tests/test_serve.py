@@ -188,6 +188,9 @@ def test_stop_string(client):
     ({"extra_body": {"steering": "on"}}, "steering"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"),
 ])
 def test_bad_parameters_are_400(client, kwargs, param):
     kwargs.setdefault("max_tokens", 4)
