@@ -1,5 +1,7 @@
 """HellaSwag loglikelihood throughput: lm-eval's plain ``hf`` model vs the ``steerplug`` model with
-steering on, on the same weights, in one process: warm-up, then alternating rounds, medians.
+steering on, on the same weights, in one process: warm-up, then alternating rounds, medians;
+then a paired run (each batch through both models back to back, alternating order), whose
+median per-batch ratio resists the load drift of a shared machine.
 
     .venv/bin/python benchmarks/bench_lm_eval.py --docs 24 --rounds 5 --batch-size 16
 
@@ -46,6 +48,8 @@ def main() -> int:
     p.add_argument("--layer", type=int, default=15, help="hook layer of the random SAE fallback")
     p.add_argument("--d-sae", type=int, default=4608, help="width of the random SAE fallback")
     p.add_argument("--features", type=int, default=64, help="non-zeros of the random vector fallback")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile one steered loglikelihood pass: share of time in the steering hook")
     args = p.parse_args()
 
     from lm_eval.models.huggingface import HFLM
@@ -77,6 +81,24 @@ def main() -> int:
     reqs = hellaswag_requests(args.docs)
     n_tokens = sum(len(plain.tok_encode(r.args[0])) + len(plain.tok_encode(r.args[1])) for r in reqs)
 
+    if args.profile:
+        import cProfile
+        import pstats
+
+        steered.loglikelihood(reqs, disable_tqdm=True)  # warm-up
+        prof = cProfile.Profile()
+        prof.runcall(steered.loglikelihood, reqs, disable_tqdm=True)
+        st = pstats.Stats(prof)
+
+        def cum(file: str, fn: str) -> float:
+            return sum(v[3] for k, v in st.stats.items() if k[0].endswith(file) and k[2] == fn)
+        hook = cum("steerplug/hooks.py", "steer")
+        index = cum("lm_eval_plugin.py", "_loglikelihood_tokens") - cum("huggingface.py", "_loglikelihood_tokens")
+        print(json.dumps({"requests": len(reqs), "total_s": round(st.total_tt, 3), "steer_hook_s": round(hook, 3),
+                          "request_index_s": round(index + cum("lm_eval_plugin.py", "_row_starts"), 3),
+                          "hook_share": round(hook / st.total_tt, 4), "artifacts": source}))
+        return 0
+
     def timed(lm) -> tuple[float, list]:
         t0 = time.perf_counter()
         out = lm.loglikelihood(reqs, disable_tqdm=True)
@@ -89,6 +111,20 @@ def main() -> int:
         for name, lm in order:
             times[name].append(timed(lm)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Paired, finer-grained: one batch of requests at a time, plain and steered back to back
+    # (alternating order), so that load drift on a shared machine hits both arms alike.
+    ratios, pair_t = [], {"hf": 0.0, "steerplug": 0.0}
+    for r in range(args.rounds):
+        for i in range(0, len(reqs), args.batch_size):
+            chunk = reqs[i:i + args.batch_size]
+            t = {}
+            order = [("hf", plain), ("steerplug", steered)]
+            for name, lm in (order if (r + i // args.batch_size) % 2 == 0 else order[::-1]):
+                t0 = time.perf_counter()
+                lm.loglikelihood(chunk, disable_tqdm=True)
+                t[name] = time.perf_counter() - t0
+                pair_t[name] += t[name]
+            ratios.append(t["hf"] / t["steerplug"])
     _, out_plain = timed(plain)
     _, out_steer = timed(steered)
     changed = sum(abs(a[0] - b[0]) > 1e-6 for a, b in zip(out_plain, out_steer))
@@ -99,6 +135,9 @@ def main() -> int:
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "requests_per_s": {k: round(len(reqs) / v, 2) for k, v in med.items()},
         "ratio_steerplug_over_hf": round(med["hf"] / med["steerplug"], 3),
+        "paired_batches": len(ratios),
+        "paired_median_ratio": round(statistics.median(ratios), 3),
+        "paired_total_ratio": round(pair_t["hf"] / pair_t["steerplug"], 3),
         "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "loglikelihoods_changed_by_steering": f"{changed}/{len(reqs)}",
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

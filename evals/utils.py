@@ -77,12 +77,21 @@ def process_hellaswag_doc(d: dict) -> dict:
 
 
 # --- refusal tasks ----------------------------------------------------------------------------
-def load_prompt_set(prompt_set: str, data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
-    """One of :data:`steerplug.data.PROMPT_SETS` as a ``test`` split (``prompt``, ``category``, ``source``)."""
+def load_prompt_set(prompt_set: str, data_dir: str | None = None, shuffle_seed: int | None = 1234,
+                    **_: Any) -> datasets.DatasetDict:
+    """One of :data:`steerplug.data.PROMPT_SETS` as a ``test`` split (``prompt``, ``category``, ``source``).
+
+    The files are sorted by category, so the rows are shuffled with a fixed seed (``shuffle_seed``
+    in the task metadata; None keeps file order): ``--limit N`` then takes a seeded random sample.
+    """
+    import random
+
     from steerplug.data import load_prompts
 
     rows = [{"prompt": p.text, "category": p.category or "", "source": p.source, "harmful": p.harmful}
             for p in load_prompts(prompt_set, data_dir)]
+    if shuffle_seed is not None:
+        random.Random(int(shuffle_seed)).shuffle(rows)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 

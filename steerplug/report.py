@@ -20,7 +20,9 @@ XSTest safe) through the chat template, and HellaSwag ``acc_norm`` (no chat temp
 Every configuration's task results are cached under ``--cache-dir`` in a file named by a hash of
 the model, the SAE/vector files' contents, the configuration, the task list, the sample sizes and
 the generation settings: a repeated run reuses them, a changed configuration never does.
-Greedy decoding, fixed seeds, the first ``--limit`` prompts of each set in file order.
+Greedy decoding, fixed seeds; ``--limit N`` takes the first N prompts of each set after a seeded
+shuffle (seed 1234, so a random sample across categories, the same in every run), and the first
+``--hellaswag-limit`` HellaSwag items in file order.
 """
 
 from __future__ import annotations
@@ -331,9 +333,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], harm_tasks: list[
         f"# steerplug report: {meta['model']}", "",
         f"Command: `{meta['command']}`", "",
         f"Hook: {meta['hook']}. Greedy decoding, {meta['max_new_tokens']} new tokens, seed {SEED}, "
-        f"the first prompts of each set in file order. Sample sizes: {sizes}. "
+        "a seeded random sample of each prompt set (shuffle seed 1234), the first HellaSwag items. "
+        f"Sample sizes: {sizes}. "
         "Refusal and agreement figures in %; a refusal counts only if the answer is coherent "
-        f"(judge: {meta['judge']}). Perplexity: of the answer, under the unsteered model.", "",
+        f"(judge: {meta['judge']}). Perplexity: of the answer, under the unsteered model. "
+        "'harmless unchanged': share of harmless answers identical to the unsteered ones. "
+        "The system prompt is lm-eval's system_instruction: a system turn of the chat template on "
+        "the refusal sets, prepended text on HellaSwag (scored without a chat template).", "",
         *lines, "",
         f"Calibration: {json.dumps(meta.get('prepared', {}))}", "",
         f"Wall time: {meta['seconds']:.0f} s on {meta['device']}.", ""])
@@ -401,7 +407,7 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
     judge = type(get_judge()).__name__
     settings = {"tasks": harm_tasks, "limit": limit, "hellaswag_limit": hellaswag_limit,
                 "max_new_tokens": max_new_tokens, "seed": SEED, "judge": judge,
-                "perplexity": perplexity}
+                "perplexity": perplexity, "prompt_order": "shuffled, seed 1234"}
     results = []
     for m in methods:
         logger.warning("report: %s", m.name)
