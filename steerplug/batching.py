@@ -227,6 +227,9 @@ class BatchEngine:
 
     >>> engine = BatchEngine(steered, max_batch=16).start()
     >>> engine.submit(GenerationRequest(ids, steps=3, lr=0.3)).result().text
+
+    While it decodes, the engine's hooks sit on ``steered.model``: do not run the same model from
+    another thread meanwhile (submit to the engine instead).
     """
 
     def __init__(self, steered: Any, *, max_batch: int = 16, batch_wait_s: float = 0.005,

@@ -1,0 +1,55 @@
+"""The continuous-batching engine across architectures: batched answers equal ``SteeredModel.generate``
+run alone (HF generate, batch 1), steered and not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, HIDDEN, make_byte_tokenizer, make_tiny_model
+
+from steerplug import SparseAutoencoder, SteeredModel, SteeringVector
+from steerplug.batching import BatchEngine, GenerationRequest
+
+PROMPTS = ["hello there", "a much longer prompt than the others, to force left padding", "x",
+           "what is up?", "tell me about locks and keys"]
+SETTINGS = [(0, 0.0), (3, 0.5), (2, 1.0), (5, 0.3), (1, 0.8)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_equals_hf_generate_alone(arch):
+    tok = make_byte_tokenizer()
+    sae = SparseAutoencoder.random(HIDDEN, 256, hook_name="blocks.2.hook_resid_post")
+    vector = SteeringVector.from_dense(torch.randn(256, generator=torch.Generator().manual_seed(3)), top_k=32)
+    steered = SteeredModel(make_tiny_model(arch), tok, sae, vector)
+    reqs = []
+    for i, prompt in enumerate((PROMPTS * 2)[:7]):
+        steps, lr = SETTINGS[(i + i // len(PROMPTS)) % len(SETTINGS)]
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+        reqs.append(GenerationRequest(ids, max_new_tokens=4 + 2 * i, steps=steps, lr=lr))
+    with BatchEngine(steered, max_batch=3) as engine:  # 7 requests: batches fill, rows join
+        batched = [s.result() for s in [engine.submit(r) for r in reqs]]
+        assert engine.stats["max_rows"] == 3 and engine.stats["joined"] > 0
+    for r, got in zip(reqs, batched):
+        ids = torch.tensor([r.prompt_ids])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens, do_sample=False,
+                  pad_token_id=steered.model.generation_config.pad_token_id)
+        if r.steered:
+            out = steered.generate(ids, steps=r.steps, lr=r.lr, **kw)
+        else:
+            with steered.disabled():
+                out = steered.generate(ids, **kw)
+        want = out[0, ids.shape[1]:].tolist()
+        assert got.token_ids == want[:len(got.token_ids)], (arch, r.steps, r.lr)
+        assert got.finish_reason == ("stop" if len(got.token_ids) < r.max_new_tokens else "length")
+
+
+def test_request_validation():
+    with pytest.raises(ValueError, match="prompt_ids"):
+        GenerationRequest([])
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationRequest([1], top_p=0)
+    with pytest.raises(ValueError, match="positions"):
+        GenerationRequest([1], positions="middle")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationRequest([1], max_new_tokens=0)
