@@ -20,7 +20,6 @@ import asyncio
 import os
 import platform
 import socket
-import statistics
 import sys
 import threading
 import time

@@ -9,7 +9,6 @@ The browser test needs Chromium and the Playwright Python package (never ``playw
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
