@@ -142,22 +142,37 @@ def _file_digest(path: Any) -> str | None:
 
 
 def method_key(lm: Any, m: Method, settings: dict[str, Any]) -> str:
-    """The cache key: model, artifacts (by content), configuration, tasks, sizes, generation."""
+    """The cache key: model, configuration, tasks, sizes, generation, and whatever the method
+    reads of the artifacts: the SAE and vector (by content) for gradient steering, clamping and
+    gating; the hook point for activation addition; neither for the unsteered and system-prompt
+    rows (so those are shared by runs with different artifacts, and nothing else is)."""
     from steerplug.interventions import Intervention
     from steerplug.steering import SteeringConfig
 
+    config = SteeringConfig(**m.steering)
+    spec = Intervention(**m.intervention)
+    uses_sae = ((spec.kind == "gradient" and config.steps > 0) or spec.kind == "clamp"
+                or spec.gate_threshold is not None)
+    uses_hook = uses_sae or spec.kind == "add"
     refs = dict(lm._references)  # noqa: SLF001
     for k in ("sae", "vector"):
         obj = getattr(lm.steered, k)
-        refs[k] = _file_digest(refs.get(k)) if refs.get(k) and Path(str(refs[k])).exists() else \
-            (hashlib.sha256(b"".join(t.detach().float().cpu().numpy().tobytes() for t in
-                                     ([obj.dense()] if k == "vector" else list(obj.parameters())))
-                            ).hexdigest()[:16] if obj is not None else None)
+        if not uses_sae:
+            refs[k] = refs[f"{k}_subfolder"] = None
+        elif refs.get(k) and Path(str(refs[k])).exists():
+            refs[k] = _file_digest(Path(str(refs[k])) / (refs.get(f"{k}_subfolder") or ""))
+        elif obj is not None:
+            tensors = [obj.dense()] if k == "vector" else list(obj.parameters())
+            refs[k] = hashlib.sha256(b"".join(t.detach().float().cpu().numpy().tobytes()
+                                              for t in tensors)).hexdigest()[:16]
+    if not uses_hook:
+        refs["layer"] = None
     refs["pretrained"] = str(refs.get("pretrained"))
-    payload = {"model": refs, "hook": lm.steered.hook_point.name if lm.steered.hook_point else None,
-               "steering": asdict(SteeringConfig(**m.steering)),
-               "intervention": Intervention(**m.intervention).describe(),
-               "system_prompt": m.system_prompt, "settings": settings}
+    hook = lm.steered.hook_point.name if (uses_hook and lm.steered.hook_point) else None
+    payload = {"model": refs, "hook": hook,
+               "steering": asdict(config) if spec.kind == "gradient" and config.steps > 0
+               else {"positions": config.positions} if uses_hook else None,
+               "intervention": spec.describe(), "system_prompt": m.system_prompt, "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

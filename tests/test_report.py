@@ -78,6 +78,24 @@ def test_cache_key_changes_with_every_setting(lm):
                                       system_prompt="be safe"), s)
     assert a != method_key(lm, Method("x", "steerplug", {"steps": 3, "lr": 0.25},
                                       {"gate_threshold": 0.3}), s)
+    caa = Method("c", "caa", {"steps": 1, "positions": "all"}, {"kind": "add", "add_vector": torch.ones(64)})
+    assert method_key(lm, caa, s) != method_key(
+        lm, Method("c", "caa", {"steps": 1, "positions": "all"},
+                   {"kind": "add", "add_vector": torch.ones(64), "add_scale": 2.0}), s)
+
+
+def test_cache_key_depends_on_artifacts_only_where_used(lm):
+    """Unsteered / system-prompt rows do not read the SAE or vector; steering rows do."""
+    s = {"limit": 2}
+    plain, steer = Method("u", "unsteered"), Method("x", "steerplug", {"steps": 3, "lr": 0.25})
+    before = (method_key(lm, plain, s), method_key(lm, steer, s))
+    old = lm.steered.vector
+    try:
+        lm.steered.vector = old.scaled(2.0)
+        assert method_key(lm, plain, s) == before[0]
+        assert method_key(lm, steer, s) != before[1]
+    finally:
+        lm.steered.vector = old
 
 
 def test_summary_unchanged_share_against_unsteered():
