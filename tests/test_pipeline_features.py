@@ -67,3 +67,15 @@ def test_find_features_on_tiny_model(tmp_path):
     assert v.nnz == res.vector.nnz and v.metadata.hook_name == "blocks.1.hook_resid_post"
     md = (tmp_path / "features_report.md").read_text()
     assert "| feature |" in md and "[[" in md
+
+
+def test_logistic_probe_learns_and_ignores_silent_inputs():
+    from steerplug.pipeline.evaluate import logistic_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 10, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    x[:100, 5] = 0.0  # silent in the training half, wild in the test half
+    x[100:, 5] = 1e4 * torch.randn(100, generator=g)
+    acc = logistic_probe(x[:100], y[:100], x[100:], y[100:])
+    assert acc > 0.85

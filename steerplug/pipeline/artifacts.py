@@ -2,9 +2,10 @@
 
 Steps (each resumes / is skipped when its output already exists in ``--work``):
 
-1. collect  — layer-15 resid_post activations of HH-RLHF dialogues (given answers) and of
-   ``harmful_train`` / ``harmless_train`` questions with greedy model answers;
-2. train    — TopK SAE (AuxK), 8x width, on those activations (5% of sequences held out);
+1. collect  — layer-15 resid_post activations of HH-RLHF dialogues (chat template, given answers),
+   of ``harmful_train`` / ``harmless_train`` questions (with greedy model answers if ``--generate``),
+   and of other HH-RLHF dialogues as plain text;
+2. train    — TopK SAE (AuxK), 3072 latents, k=32, on those activations (5% of sequences held out);
 3. evaluate — WikiText-2 test, held-out chat, CE recovered, HellaSwag, probes;
 4. features — force-prefixed compliant vs refusing answers to ``harmful_train`` questions, the
    64-feature steering vector;
@@ -30,24 +31,36 @@ class ArtifactsConfig:
 
     hook: str = "blocks.15.hook_resid_post"
     """Where the SAE reads."""
-    hh_rlhf: int = 2312
+    hh_rlhf: int = 500
     """HH-RLHF harmless-base dialogues (answers given)."""
+    hh_rlhf_text: int = 400
+    """More HH-RLHF dialogues as plain text (no chat template): generic text for the SAE."""
     per_prompt_set: int = 128
-    """harmful_train and harmless_train questions each, answered by the model."""
+    """harmful_train and harmless_train questions each."""
+    generate: bool = False
+    """Answer those questions greedily (slow on a shared 2-core CPU); else the prompts only."""
     max_new_tokens: int = 48
-    """Length of the generated training answers."""
-    d_sae: int = 4608
-    """SAE width (8 x 576)."""
+    """Length of the generated training answers (with ``generate``)."""
+    d_sae: int = 3072
+    """SAE width (16/3 x 576)."""
     k: int = 32
     """Active latents per token."""
-    lr: float = 8e-4
+    lr: float = 1e-3
     """Adam learning rate."""
-    total_tokens: int = 1_200_000
+    total_tokens: int = 600_000
     """Training tokens (epochs over the collected activations)."""
     holdout_every: int = 20
     """Sequences with seq_id % N == 0 are held out from training (scored by evaluate)."""
-    hellaswag_items: int = 200
+    hellaswag_items: int = 60
     """HellaSwag items for the spliced-vs-clean comparison."""
+    wikitext_sequences: int = 48
+    """WikiText-2 test chunks of 128 tokens for reconstruction and CE."""
+    probe_prompts: int = 100
+    """Prompts per class, train and test, for the harmful/harmless probe."""
+    feature_prompts: int = 48
+    """harmful_train questions answered twice (compliant / refusal) for the feature ranking."""
+    feature_new_tokens: int = 24
+    """Tokens generated after each forced prefix."""
     seed: int = 0
     """Seed of every step."""
 
@@ -66,6 +79,11 @@ def _sh(argv: list[str]) -> None:
         raise RuntimeError(f"steerplug {' '.join(argv)} failed with exit code {rc}.")
 
 
+def _complete(folder: Path) -> bool:
+    man = folder / "manifest.json"
+    return man.is_file() and bool(json.loads(man.read_text()).get("complete"))
+
+
 def build_default_artifacts(work: str | Path = "runs/default",
                             out: str | Path = "hub_artifacts/SmolLM2-135M-Instruct",
                             cfg: ArtifactsConfig | None = None) -> Path:
@@ -73,20 +91,29 @@ def build_default_artifacts(work: str | Path = "runs/default",
     cfg = cfg or ArtifactsConfig()
     work, out = Path(work), Path(out)
     acts, sae_dir, eval_dir, feat_dir = (work / "acts_train", work / "sae", work / "eval", work / "features")
-    if not (acts / "manifest.json").is_file() or not json.loads((acts / "manifest.json").read_text()).get("complete"):
+    acts_text = work / "acts_text"
+    if not _complete(acts):
         _sh(["collect", "--out", str(acts), "--hooks", cfg.hook, "--prompt-sets", "harmful_train",
              "harmless_train", "--limit-per-set", str(cfg.per_prompt_set), "--hh-rlhf", str(cfg.hh_rlhf),
-             "--max-new-tokens", str(cfg.max_new_tokens), "--max-length", "256", "--seed", str(cfg.seed)])
+             "--max-new-tokens", str(cfg.max_new_tokens), "--max-length", "256", "--seed", str(cfg.seed)]
+            + ([] if cfg.generate else ["--no-generate"]))
+    if cfg.hh_rlhf_text and not _complete(acts_text):
+        _sh(["collect", "--out", str(acts_text), "--hooks", cfg.hook, "--prompt-sets", "--hh-rlhf-text",
+             str(cfg.hh_rlhf_text), "--max-length", "256", "--batch-size", "16", "--seed", str(cfg.seed)])
     if not (sae_dir / "cfg.json").is_file():
-        _sh(["train", "--acts", str(acts), "--out", str(sae_dir), "--d-sae", str(cfg.d_sae), "--k", str(cfg.k),
+        folders = [str(acts)] + ([str(acts_text)] if cfg.hh_rlhf_text else [])
+        _sh(["train", "--acts", *folders, "--out", str(sae_dir), "--d-sae", str(cfg.d_sae), "--k", str(cfg.k),
              "--lr", str(cfg.lr), "--total-tokens", str(cfg.total_tokens), "--holdout-every",
              str(cfg.holdout_every), "--seed", str(cfg.seed)])
     if not (eval_dir / "eval_report.json").is_file():
         _sh(["evaluate-sae", "--sae", str(sae_dir), "--out", str(eval_dir), "--heldout-acts", str(acts),
              "--heldout-every", str(cfg.holdout_every), "--hellaswag-items", str(cfg.hellaswag_items),
+             "--wikitext-sequences", str(cfg.wikitext_sequences), "--probe-prompts", str(cfg.probe_prompts),
              "--seed", str(cfg.seed)])
     if not (feat_dir / "vector" / "steering_vector.json").is_file():
-        _sh(["find-features", "--sae", str(sae_dir), "--out", str(feat_dir), "--seed", str(cfg.seed)])
+        _sh(["find-features", "--sae", str(sae_dir), "--out", str(feat_dir), "--seed", str(cfg.seed),
+             "--n-prompts", str(cfg.feature_prompts), "--max-new-tokens", str(cfg.feature_new_tokens),
+             "--gen-batch-size", "48"])
     publish(work, out, cfg)
     return out
 
@@ -146,8 +173,11 @@ base_model: {DEFAULT_MODEL_ID}
 A TopK sparse autoencoder (Gao et al. 2024, with the AuxK loss) with {sae_cfg['d_sae']} latents
 ({sae_cfg['d_sae'] // sae_cfg['d_in']}x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
 `steerplug build-default-artifacts` on {tr.get('n_rows', '?')} activation rows (position 0 dropped)
-of HH-RLHF harmless-base dialogues and of `harmful_train` / `harmless_train` questions with greedy
-model answers, for {cfg.total_tokens} tokens. The input normalisation is folded into the weights:
+of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (chat template, given answers), {cfg.hh_rlhf_text} more
+HH-RLHF dialogues as plain text (no template), and of
+{cfg.per_prompt_set} `harmful_train` + {cfg.per_prompt_set} `harmless_train` questions
+({'with greedy model answers' if cfg.generate else 'prompts only'}), for {cfg.total_tokens} tokens;
+every {cfg.holdout_every}th sequence was held out for evaluation. The input normalisation is folded into the weights:
 the SAE reads raw residual activations (`normalize_activations: none`).
 
 SAELens layout (`cfg.json` + `sae_weights.safetensors`): loads with
@@ -212,15 +242,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--total-tokens", type=int, default=d.total_tokens)
     p.add_argument("--hh-rlhf", type=int, default=d.hh_rlhf)
+    p.add_argument("--hh-rlhf-text", type=int, default=d.hh_rlhf_text)
     p.add_argument("--per-prompt-set", type=int, default=d.per_prompt_set)
     p.add_argument("--hellaswag-items", type=int, default=d.hellaswag_items)
+    p.add_argument("--generate", action="store_true", help="train also on model-generated answers (slow)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ArtifactsConfig(hook=args.hook, d_sae=args.d_sae, k=args.k, lr=args.lr, total_tokens=args.total_tokens,
-                          hh_rlhf=args.hh_rlhf, per_prompt_set=args.per_prompt_set,
-                          hellaswag_items=args.hellaswag_items, seed=args.seed)
+                          hh_rlhf=args.hh_rlhf, hh_rlhf_text=args.hh_rlhf_text, per_prompt_set=args.per_prompt_set,
+                          hellaswag_items=args.hellaswag_items, generate=args.generate, seed=args.seed)
     out = build_default_artifacts(args.work, args.out, cfg)
     print(f"artifacts in {out}")
     return 0

@@ -306,12 +306,13 @@ def load_activations(folder: str | Path, hook: str | None = None, *, skip_first:
 
 # --- building the example list (shared with the CLI and the artifacts builder) ------------------
 def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), hh_rlhf: int = 0,
-                   wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
+                   hh_rlhf_text: int = 0, wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
                    generate: bool = True, max_new_tokens: int = 48, gen_batch_size: int = 16,
                    seed: int = 0, data: str | None = None, cache: str | Path | None = None,
                    progress: bool = True) -> list[Example]:
     """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
-    given) and WikiText chunks (evaluation only). ``limit_per_set`` samples each prompt set with
+    given; ``hh_rlhf_text`` more of them as plain "Human: / Assistant:" text without the chat
+    template, sampled independently with ``seed + 1``) and WikiText chunks (evaluation only). ``limit_per_set`` samples each prompt set with
     ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused."""
     from steerplug import data as D
     from steerplug.pipeline.examples import generate_answers, hh_rlhf_examples, prompt_examples, text_examples
@@ -334,6 +335,11 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
         dialogues = D.hh_rlhf_harmless_test(data)
         pick = torch.randperm(len(dialogues), generator=g)[:hh_rlhf].sort().values
         examples += hh_rlhf_examples([dialogues[int(i)] for i in pick])
+    if hh_rlhf_text:
+        dialogues = D.hh_rlhf_harmless_test(data)
+        pick = torch.randperm(len(dialogues), generator=torch.Generator().manual_seed(seed + 1))[:hh_rlhf_text]
+        examples += [Example(text=dialogues[int(i)]["chosen"].strip(),
+                             labels={"source": "hh_rlhf_text", "index": int(i)}) for i in pick.sort().values]
     if wikitext_chunks:
         examples += text_examples(D.wikitext_test(data), tokenizer, chunk_tokens, limit=wikitext_chunks,
                                   source="wikitext2_test")
@@ -353,6 +359,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="named prompt sets (steerplug.data.PROMPT_SETS); answers are generated")
     p.add_argument("--limit-per-set", type=int, default=None, help="sample at most this many prompts per set")
     p.add_argument("--hh-rlhf", type=int, default=0, help="number of HH-RLHF dialogues (answers given)")
+    p.add_argument("--hh-rlhf-text", type=int, default=0,
+                   help="number of HH-RLHF dialogues as plain text (no chat template)")
     p.add_argument("--wikitext-chunks", type=int, default=0, help="WikiText-2 test chunks (evaluation only!)")
     p.add_argument("--no-generate", action="store_true", help="prompts only, no generated answers")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -371,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     out = Path(args.out)
     examples = build_examples(model, tok, prompt_sets=args.prompt_sets, hh_rlhf=args.hh_rlhf,
+                              hh_rlhf_text=args.hh_rlhf_text,
                               wikitext_chunks=args.wikitext_chunks, limit_per_set=args.limit_per_set,
                               generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                               seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME)

@@ -264,10 +264,14 @@ def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
                    lr: float = 1e-2, seed: int = 0) -> float:
     """Test accuracy of a linear+softmax classifier (standardised inputs, Adam, full batch)."""
     torch.manual_seed(seed)
-    mu, sd = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    mu, sd = x_train.mean(0), x_train.std(0)
+    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant in train (e.g. a silent latent): no rescale
     xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
     n_cls = int(max(y_train.max(), y_test.max())) + 1
     lin = nn.Linear(xtr.shape[1], n_cls)
+    with torch.no_grad():  # zero init: inputs the training set never varies keep a zero weight
+        lin.weight.zero_()
+        lin.bias.zero_()
     opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(epochs):

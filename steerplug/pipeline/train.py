@@ -224,7 +224,8 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
 
 # --- CLI ------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--acts", required=True, help="activation folder written by `steerplug collect`")
+    p.add_argument("--acts", required=True, nargs="+",
+                   help="activation folder(s) written by `steerplug collect` (concatenated)")
     p.add_argument("--out", required=True, help="output SAE folder (resumed from its checkpoint if any)")
     p.add_argument("--hook", default=None, help="which hook of the folder (default: its only one)")
     p.add_argument("--architecture", default="topk", choices=("topk", "relu"))
@@ -251,13 +252,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from steerplug.pipeline.collect import load_activations, read_manifest
 
-    man = read_manifest(args.acts)
     roles = tuple(int(r) for r in args.roles.split(",")) if args.roles else None
-    data = load_activations(args.acts, args.hook, skip_first=not args.keep_first, roles=roles)
-    hook = args.hook or man["hooks"][0]
-    acts = data.acts
-    if args.holdout_every:
-        acts = acts[data.seq_ids % args.holdout_every != 0]
+    parts, hook, model_name = [], args.hook, None
+    for folder in args.acts:
+        man = read_manifest(folder)
+        hook = hook or man["hooks"][0]
+        if hook not in man["hooks"]:
+            raise ValueError(f"{folder} has no activations of {hook!r} (it holds {man['hooks']}).")
+        model_name = model_name or man.get("model_name")
+        data = load_activations(folder, hook, skip_first=not args.keep_first, roles=roles)
+        acts = data.acts
+        if args.holdout_every:
+            acts = acts[data.seq_ids % args.holdout_every != 0]
+        parts.append(acts)
+    acts = torch.cat(parts)
     loop = TrainConfig(batch_size=args.batch_size, total_tokens=args.total_tokens, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype)
     tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, total_steps=loop.total_steps,
@@ -265,8 +273,8 @@ def run(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, decay_start=args.decay_start,
                          auxk_alpha=args.auxk_alpha, dead_tokens=args.dead_tokens,
                          l1_coeff=args.l1_coeff, p_end=args.p_end, seed=args.seed)
-    res = train_sae(acts, tcfg, loop, args.out, hook_name=hook, model_name=man.get("model_name"),
-                    metadata={"activations": str(args.acts), "n_train_tokens": int(acts.shape[0]),
+    res = train_sae(acts, tcfg, loop, args.out, hook_name=hook, model_name=model_name,
+                    metadata={"activations": [str(a) for a in args.acts], "n_train_tokens": int(acts.shape[0]),
                               "holdout_every": args.holdout_every})
     last = res.history[-1]
     print(f"saved {args.out}: L0 {last['l0']:.1f}, FVE {last['fve']:.3f}, dead {last['dead_fraction']:.3f} "

@@ -116,15 +116,17 @@ class _TopKEncode(torch.autograd.Function):
         acts = vals.clamp_min(0)
         ctx.save_for_backward(xc, W, idx, acts)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # an unused ``pre`` gets None, not a (B, F) zero tensor
         return acts, idx, pre
 
     @staticmethod
     def backward(ctx, g_acts, g_idx, g_pre):
         xc, W, idx, acts = ctx.saved_tensors
-        g = g_acts * (acts > 0)  # (B, k)
-        G = torch.zeros(xc.shape[0], W.shape[1], dtype=g.dtype, device=g.device).scatter_(1, idx, g)  # (B, F)
+        G = torch.zeros(xc.shape[0], W.shape[1], dtype=xc.dtype, device=xc.device)  # (B, F)
+        if g_acts is not None:
+            G.scatter_(1, idx, g_acts * (acts > 0))
         if g_pre is not None:  # the AuxK path reads the dense pre-activations
-            G = G + g_pre
+            G += g_pre
         g_sum = G.sum(0)  # (F,)
         grad_W = xc.T @ G if ctx.needs_input_grad[1] else None  # (D, F)
         grad_bdec = -(W @ g_sum) if ctx.needs_input_grad[3] else None  # (D,)
@@ -142,7 +144,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # g_out (B, D)
         idx, acts, W_dec = ctx.saved_tensors
-        g_acts = torch.bmm(W_dec[idx], g_out.unsqueeze(-1)).squeeze(-1)  # (B, k)
+        g_acts = (g_out @ W_dec.T).gather(1, idx)  # (B, k); one GEMM beats gathering (B, k, D) rows
         A = torch.zeros(acts.shape[0], W_dec.shape[0], dtype=acts.dtype, device=acts.device)
         A.scatter_(1, idx, acts)  # (B, F)
         return None, g_acts, A.T @ g_out  # grad W_dec (F, D)
