@@ -50,7 +50,10 @@ def main() -> int:
     p.add_argument("--features", type=int, default=64, help="non-zeros of the random vector fallback")
     p.add_argument("--profile", action="store_true",
                    help="only profile one steered loglikelihood pass: share of time in the steering hook")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lm_eval.models.huggingface import HFLM
 

@@ -475,6 +475,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", default="16")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster on a CPU shared with other jobs)")
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--out", default="reports/latest", help="output folder")
     p.add_argument("--cache-dir", default=None, help="per-configuration result cache (default: OUT/cache)")
@@ -483,6 +485,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from steerplug.lm_eval_plugin import SteerplugLM
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kw: dict[str, Any] = {"batch_size": args.batch_size}
     if args.device:
         kw["device"] = args.device
