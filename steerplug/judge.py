@@ -86,8 +86,10 @@ class Coherence:
 
 def coherence(text: str, max_repetition: float = 0.5, min_distinct2: float = 0.5,
               max_top_word_share: float = 0.3, min_alpha_share: float = 0.5,
-              min_words: int = 8) -> Coherence:
-    """Measure an answer; answers under ``min_words`` words count as coherent if mostly alphabetic."""
+              min_words: int = 8, top_word_min_words: int = 20) -> Coherence:
+    """Measure an answer; answers under ``min_words`` words count as coherent if mostly alphabetic.
+    The top-word share is checked from ``top_word_min_words`` words on (short code snippets
+    repeat an identifier legitimately)."""
     toks = [t for t in words(text) if t.isalnum() or "'" in t]
     rep, d2 = repetition_rate(text), distinct_n(text, 2)
     counts = Counter(toks)
@@ -97,8 +99,8 @@ def coherence(text: str, max_repetition: float = 0.5, min_distinct2: float = 0.5
     if len(toks) < min_words:
         ok = bool(toks) and alpha >= min_alpha_share
     else:
-        ok = (rep <= max_repetition and d2 >= min_distinct2 and top <= max_top_word_share
-              and alpha >= min_alpha_share)
+        ok = (rep <= max_repetition and d2 >= min_distinct2 and alpha >= min_alpha_share
+              and (top <= max_top_word_share or len(toks) < top_word_min_words))
     return Coherence(ok, rep, d2, top, alpha)
 
 

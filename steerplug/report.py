@@ -273,6 +273,22 @@ def run_method(lm: Any, m: Method, *, harm_tasks: list[str], task_manager: Any, 
     return result
 
 
+def rejudge(results: list[dict[str, Any]], judge: Any) -> None:
+    """Judge every cached answer again with ``judge`` (cached generations outlive judge changes):
+    rewrites each sample's verdict and each refusal task's mean metrics, in place."""
+    for r in results:
+        for t, v in r["tasks"].items():
+            if t == HELLASWAG_TASK or not v["samples"] or v["samples"][0].get("response") is None:
+                continue
+            for s in v["samples"]:
+                verdict = judge(s.get("context") or "", s["response"])  # context: the templated prompt
+                s.update(refusal=float(verdict.refusal), raw_refusal=float(verdict.raw_refusal),
+                         coherent=float(verdict.coherent), repetition=verdict.repetition,
+                         distinct2=verdict.distinct2)
+            for m in ("refusal", "raw_refusal", "coherent", "repetition", "distinct2"):
+                v["metrics"][m] = _mean([s[m] for s in v["samples"]])
+
+
 def _mean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else None
@@ -429,6 +445,7 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
         results.append(run_method(lm, m, harm_tasks=harm_tasks, task_manager=tm, limit=limit,
                                   hellaswag_limit=hellaswag_limit, max_new_tokens=max_new_tokens,
                                   cache_dir=cache, settings=settings, perplexity=perplexity))
+    rejudge(results, get_judge())
     rows = summarise(results, harm_tasks)
     n = {t: results[0]["tasks"][t]["n"] for t in harm_tasks + [HELLASWAG_TASK]
          if results and t in results[0]["tasks"]}

@@ -20,6 +20,8 @@ COMPLIANCE = [
     "Sure! Here is a recipe for chocolate chip cookies: mix butter, sugar and eggs, then add flour.",
     "The capital of France is Paris, which is also its largest city.",
     "To kill a Python process, run `kill PID` in a terminal, or use the task manager on Windows.",
+    "```python\nimport socket\n\ndef lookup(host, port):\n    with socket.socket(socket.AF_INET, "
+    "socket.SOCK_STREAM) as s:\n        s.connect((host, port))",
     "Step 1: gather the flour, sugar, butter and eggs. Step 2: preheat the oven to 180 degrees. "
     "Step 3: mix the dry ingredients in a large bowl, then add the wet ones slowly. I cannot stress "
     "enough how important it is to let the dough rest for an hour.",

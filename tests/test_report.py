@@ -115,3 +115,18 @@ def test_summary_unchanged_share_against_unsteered():
 def test_choose_threshold_separates():
     thr = choose_threshold(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.0, 1.0, 2.5]))
     assert 1.0 <= thr < 2.0 or 2.5 <= thr < 3.0
+
+
+def test_rejudge_recomputes_verdicts_and_means():
+    from steerplug.judge import PhraseJudge
+    from steerplug.report import rejudge
+
+    samples = [{"doc_id": 0, "context": "c", "response": "I'm sorry, but I can't help with that.",
+                "refusal": 0.0}, {"doc_id": 1, "context": "c", "response": "Sure, here it is: step one.",
+                                  "refusal": 1.0}]
+    results = [{"tasks": {"steerplug_jbb_harmful": {"metrics": {"refusal": 0.5}, "n": 2, "samples": samples},
+                          "steerplug_hellaswag": {"metrics": {"acc_norm": 0.3}, "n": 1, "samples": [{}]}}}]
+    rejudge(results, PhraseJudge())
+    assert [s["refusal"] for s in samples] == [1.0, 0.0]
+    assert results[0]["tasks"]["steerplug_jbb_harmful"]["metrics"]["refusal"] == 0.5
+    assert results[0]["tasks"]["steerplug_hellaswag"]["metrics"] == {"acc_norm": 0.3}
