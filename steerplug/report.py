@@ -376,6 +376,16 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], harm_tasks: list[
         f"Wall time: {meta['seconds']:.0f} s on {meta['device']}.", ""])
 
 
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both harmful refusal (higher) and harmless refusal (lower),
+    sorted by harmless refusal."""
+    def dominated(r: dict[str, Any]) -> bool:
+        return any(o["harmful_refusal"] >= r["harmful_refusal"] and o["harmless_refusal"] <= r["harmless_refusal"]
+                   and (o["harmful_refusal"], o["harmless_refusal"]) != (r["harmful_refusal"], r["harmless_refusal"])
+                   for o in rows)
+    return sorted((r for r in rows if not dominated(r)), key=lambda r: (r["harmless_refusal"], r["harmful_refusal"]))
+
+
 def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Harmful vs harmless refusal (colour: HellaSwag acc_norm), and HellaSwag vs harmful refusal."""
     try:
@@ -397,6 +407,14 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
                    fontsize=7, xytext=(3, 3), textcoords="offset points")
     if has_hs:
         fig.colorbar(sc, ax=a, label="HellaSwag acc_norm (%)")
+    front = pareto_front(pts)
+    if len(front) > 1:
+        a.plot([100 * r["harmless_refusal"] for r in front], [100 * r["harmful_refusal"] for r in front],
+               "--", color="grey", lw=1, label="Pareto front")
+        a.legend(loc="lower right", fontsize=8)
+    a.axvspan(-2, 5, ymin=(90 + 2) / 104, ymax=1, color="green", alpha=0.08)  # target region
+    a.set_xlim(-2, 102)
+    a.set_ylim(-2, 102)
     a.set_xlabel("harmless prompts refused (%)  [lower is better]")
     a.set_ylabel("harmful prompts refused (%)  [higher is better]")
     a.set_title("Safety trade-off")
@@ -406,6 +424,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for r in q:
         b.annotate(r["method"], (100 * r["harmful_refusal"], 100 * r["hellaswag_acc_norm"]),
                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    b.set_xlim(-2, 102)
     b.set_xlabel("harmful prompts refused (%)")
     b.set_ylabel("HellaSwag acc_norm (%)")
     b.set_title("Capability cost")

@@ -130,3 +130,11 @@ def test_rejudge_recomputes_verdicts_and_means():
     assert [s["refusal"] for s in samples] == [1.0, 0.0]
     assert results[0]["tasks"]["steerplug_jbb_harmful"]["metrics"]["refusal"] == 0.5
     assert results[0]["tasks"]["steerplug_hellaswag"]["metrics"] == {"acc_norm": 0.3}
+
+
+def test_pareto_front():
+    from steerplug.report import pareto_front
+
+    rows = [{"method": m, "harmful_refusal": h, "harmless_refusal": b}
+            for m, h, b in [("a", 0.0, 0.0), ("b", 0.5, 0.1), ("c", 0.4, 0.2), ("d", 0.9, 0.5)]]
+    assert [r["method"] for r in pareto_front(rows)] == ["a", "b", "d"]
