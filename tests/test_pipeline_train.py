@@ -18,6 +18,7 @@ def planted(n=6000, d=32, f=96, p=0.04, seed=0):
     return codes @ dic + 3.0  # an offset and a scale far from 1, to exercise b_dec and normalisation
 
 
+@torch.no_grad()
 def _fve(sae, x):
     x_hat = sae(x).reconstruction
     return float(1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
