@@ -39,7 +39,7 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
                                 cache=tmp_path / "acts" / C.EXAMPLES_NAME)
     assert all(e.answer is not None for e in examples)
     res = C.collect_activations(model, tok, examples, tmp_path / "acts",
-                                C.CollectConfig(hooks=[HOOK], shard_tokens=300, progress=False))
+                                C.CollectConfig(hooks=[HOOK], batch_size=2, shard_tokens=200, progress=False))
     assert res.n_sequences == 8 and res.n_shards >= 2
     man = json.loads((tmp_path / "acts" / C.MANIFEST_NAME).read_text())
     assert {s["harmful"] for s in man["sequences"]} == {True, False}
