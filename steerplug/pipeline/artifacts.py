@@ -171,7 +171,7 @@ base_model: {DEFAULT_MODEL_ID}
 # TopK SAE for {DEFAULT_MODEL_ID}, `{sae_cfg['metadata'].get('hook_name')}`
 
 A TopK sparse autoencoder (Gao et al. 2024, with the AuxK loss) with {sae_cfg['d_sae']} latents
-({sae_cfg['d_sae'] // sae_cfg['d_in']}x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
+({sae_cfg['d_sae'] / sae_cfg['d_in']:.2f} x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
 `steerplug build-default-artifacts` on {tr.get('n_rows', '?')} activation rows (position 0 dropped)
 of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (chat template, given answers), {cfg.hh_rlhf_text} more
 HH-RLHF dialogues as plain text (no template), and of

@@ -50,6 +50,9 @@ class FeatureConfig:
     """Features kept with positive weight (more active in compliant answers)."""
     n_negative: int = 32
     """Features kept with negative weight (more active in refusals)."""
+    exclude_prefix: bool = True
+    """Score only the model's own continuation, not the forced prefix tokens (else the ranking is
+    dominated by features of the literal words "Sure" / "can't")."""
     heldout_fraction: float = 0.25
     """Questions held out from the ranking to score the vector on."""
     n_contexts: int = 4
@@ -137,8 +140,9 @@ class AnswerFeatures(NamedTuple):
 @torch.no_grad()
 def answer_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, examples: list[Example],
                     hook: str | None = None, batch_size: int = 8, n_contexts: int = 4,
-                    progress: bool = True) -> AnswerFeatures:
-    """Encode the answer positions of ``examples`` with ``sae`` (forward stops at the hook)."""
+                    progress: bool = True, skip_answer_tokens: list[int] | None = None) -> AnswerFeatures:
+    """Encode the answer positions of ``examples`` with ``sae`` (forward stops at the hook), leaving
+    out the first ``skip_answer_tokens[i]`` answer tokens of example ``i``."""
     from tqdm.auto import tqdm
 
     hp = resolve_hook_point(model, hook or sae.cfg.hook_name)
@@ -160,6 +164,10 @@ def answer_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, ex
         h = capture_activations(model, [hp], ids, mask)[hp.name].float()  # (B, T, D)
         ans = role == ROLE_ANSWER  # (B, T)
         ans[:, 0] = False
+        if skip_answer_tokens is not None:
+            for r in range(len(chunk)):
+                first = int(ans[r].float().argmax()) if ans[r].any() else T
+                ans[r, first:first + skip_answer_tokens[s + r]] = False
         f = sae32.encode(h) * ans.unsqueeze(-1)  # (B, T, F)
         pooled[s:s + len(chunk)] = f.sum(1) / ans.sum(1, keepdim=True).clamp_min(1)
         for r in range(len(chunk)):
@@ -231,8 +239,12 @@ def find_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, cfg:
     if len(comply) != len(refuse):
         raise ValueError(f"{len(comply)} compliant vs {len(refuse)} refusal examples: they must pair up.")
     n = len(comply)
+    skip = None
+    if cfg.exclude_prefix:
+        n_c, n_r = (len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in (COMPLY_PREFIX, REFUSE_PREFIX))
+        skip = [n_c] * n + [n_r] * n
     af = answer_features(model, tokenizer, sae, comply + refuse, hook, cfg.batch_size, cfg.n_contexts,
-                         cfg.progress)
+                         cfg.progress, skip_answer_tokens=skip)
     fc, fr = af.pooled[:n], af.pooled[n:]  # (n, F) each
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))
     n_held = int(round(cfg.heldout_fraction * n))
@@ -242,7 +254,9 @@ def find_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, cfg:
         model_name=model_name or sae.cfg.model_name, hook_name=sae.cfg.hook_name, sae=sae_ref,
         description=(f"Top {cfg.n_positive} + {cfg.n_negative} SAE features separating force-prefixed "
                      f"compliant answers ('{COMPLY_PREFIX} ...') from refusals ('{REFUSE_PREFIX} ...') "
-                     f"to {len(fit)} {cfg.prompt_set} questions; weights = Cohen's d / max|d|."),
+                     f"to {len(fit)} {cfg.prompt_set} questions"
+                     + (", scored on the model's continuation only (prefix tokens left out)" if cfg.exclude_prefix
+                        else "") + "; weights = Cohen's d / max|d|."),
         extra={"config": asdict(cfg)})
     vector = build_vector(ranking.score, cfg.n_positive, cfg.n_negative, meta)
     w = vector.dense()
