@@ -76,3 +76,13 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
         plain = model(ids).logits
         moved = steered(ids).logits
     assert not torch.allclose(plain, moved)
+
+
+@pytest.mark.parametrize("command", ["collect", "train", "evaluate-sae", "find-features", "build-default-artifacts"])
+def test_cli_help(command, capsys):
+    from steerplug.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: steerplug " + command in capsys.readouterr().out
