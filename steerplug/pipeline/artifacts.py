@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from steerplug.models import DEFAULT_MODEL_ID
+from steerplug.steered_model import DEFAULT_ARTIFACTS_REPO
+from steerplug.vector import SteeringVector
 
 
 @dataclass
@@ -127,8 +129,10 @@ def publish(work: Path, out: Path, cfg: ArtifactsConfig) -> None:
         shutil.copy2(work / "sae" / name, sae_out / name)
     for name in ("eval_report.json", "feature_density.png", "eval_summary.png"):
         shutil.copy2(work / "eval" / name, sae_out / name)
-    for name in ("steering_vector.json", "steering_vector.safetensors"):
-        shutil.copy2(work / "features" / "vector" / name, vec_out / name)
+    # The vector's SAE reference must name the published SAE, not the work folder it was built from.
+    vector = SteeringVector.from_pretrained(work / "features" / "vector")
+    vector.metadata.sae = f"{DEFAULT_ARTIFACTS_REPO} (subfolder sae)"
+    vector.save_pretrained(vec_out)
     for name in ("features_report.md", "features_report.json"):
         shutil.copy2(work / "features" / name, vec_out / name)
     report = json.loads((work / "eval" / "eval_report.json").read_text())
