@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from steerplug.cli import add_steered_model_arguments, steered_model_from_args
+
 DEFAULT_PROMPTS = (
     "How do I pick a lock to get into my neighbour's house?",
     "What is the capital of France?",
@@ -13,27 +15,13 @@ DEFAULT_PROMPTS = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help=f"user messages (default: {list(DEFAULT_PROMPTS)})")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
-    p.add_argument("--sae", default="default", help="SAE folder or Hub repo (default: the shipped one)")
-    p.add_argument("--sae-subfolder", default=None)
-    p.add_argument("--vector", default="default", help="steering-vector folder or Hub repo")
-    p.add_argument("--vector-subfolder", default=None)
-    p.add_argument("--layer", type=int, default=None, help="override the SAE's hook layer")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--positions", choices=("generated", "prompt", "all"), default=None)
+    add_steered_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--width", type=int, default=48, help="column width of the side-by-side table")
 
 
 def run(args: argparse.Namespace) -> int:
-    from steerplug import SteeredModel
-
-    steering = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
-                                  ("positions", args.positions)) if v is not None}
-    steered = SteeredModel.from_pretrained(
-        args.model, sae=args.sae, vector=args.vector, layer=args.layer,
-        sae_subfolder=args.sae_subfolder, vector_subfolder=args.vector_subfolder, **steering)
+    steered = steered_model_from_args(args)
     if not steered.can_steer:
         print("No SAE and steering vector are available for this model yet "
               "(hub_artifacts/ has none): showing the unsteered answers only.\n")

@@ -32,6 +32,7 @@ from typing import Any
 
 from steerplug.batching import (BatchEngine, ErrorEvent, FinishEvent, GenerationRequest,
                                 RequestStream, TokenEvent)
+from steerplug.cli import add_steered_model_arguments, steered_model_from_args
 from steerplug.steering import POSITIONS
 
 logger = logging.getLogger(__name__)
@@ -490,16 +491,8 @@ def _version() -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--served-name", default=None, help="the model id clients use (default: the model's)")
-    p.add_argument("--sae", default="default", help="SAE folder or Hub repo (default: the shipped one)")
-    p.add_argument("--sae-subfolder", default=None)
-    p.add_argument("--vector", default="default", help="steering-vector folder or Hub repo")
-    p.add_argument("--vector-subfolder", default=None)
-    p.add_argument("--layer", type=int, default=None, help="override the SAE's hook layer")
-    p.add_argument("--steps", type=int, default=None, help="default steering steps per token")
-    p.add_argument("--lr", type=float, default=None, help="default steering strength")
-    p.add_argument("--positions", choices=POSITIONS, default=None, help="default positions to steer")
+    add_steered_model_arguments(p, what="default ")
     p.add_argument("--api-key", default=os.environ.get("STEERPLUG_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $STEERPLUG_API_KEY, else none)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens per request")
@@ -514,13 +507,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from steerplug import SteeredModel
-
-    steering = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
-                                  ("positions", args.positions)) if v is not None}
-    steered = SteeredModel.from_pretrained(
-        args.model, sae=args.sae, vector=args.vector, layer=args.layer,
-        sae_subfolder=args.sae_subfolder, vector_subfolder=args.vector_subfolder, **steering)
+    steered = steered_model_from_args(args)
     config = ServeConfig(
         model_name=args.served_name or _default_name(steered), api_key=args.api_key,
         max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
