@@ -98,16 +98,9 @@ def _bool(value: Any) -> bool:
 
 def _default_pretrained() -> str:
     """The default model's Hub id if the HF cache has it, else steerplug's offline conversion."""
-    try:
-        from steerplug.models import _in_hf_cache, default_model_dir
+    from steerplug.models import _in_hf_cache, default_model_dir
 
-        if _in_hf_cache(DEFAULT_MODEL_ID, None, None):
-            return DEFAULT_MODEL_ID
-        return str(default_model_dir())
-    except TypeError:  # an older signature of the private helper
-        from steerplug.models import default_model_dir
-
-        return str(default_model_dir())
+    return DEFAULT_MODEL_ID if _in_hf_cache(DEFAULT_MODEL_ID, None, None) else str(default_model_dir())
 
 
 def _load_add_vector(value: Any) -> torch.Tensor | None:
