@@ -87,6 +87,50 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def hook_share(args) -> list[dict]:
+    """Share of a steered generation's wall time spent inside the steering hook (timed in place).
+
+    Less sensitive to machine noise than the A/B ratio: both times come from the same runs.
+    ``1 - share`` is the throughput ratio the hook alone would cause.
+    """
+    import steerplug.steered_model as sm
+
+    spent = [0.0]
+    original = sm.make_steer_fn
+
+    def timed_make_steer_fn(*a, **kw):
+        steer = original(*a, **kw)
+
+        def timed(h):
+            t0 = time.perf_counter()
+            out = steer(h)
+            spent[0] += time.perf_counter() - t0
+            return out
+        return timed
+
+    sm.make_steer_fn = timed_make_steer_fn
+    rows = []
+    try:
+        for vector_kind in ("sparse64", "dense"):
+            steered, _ = build(vector_kind)
+            for batch in (1, 8):
+                enc = batch_inputs(steered.tokenizer, batch)
+                timed_generate(steered, enc, 4, 3, True)  # warm-up
+                for steps in (1, 3, 5):
+                    shares = []
+                    for _ in range(args.repeats):
+                        spent[0] = 0.0
+                        total = timed_generate(steered, enc, args.new_tokens, steps, True)
+                        shares.append(spent[0] / total)
+                    share = statistics.median(shares)
+                    rows.append({"vector": vector_kind, "batch": batch, "steps": steps, "hook_share": share})
+                    print(f"{vector_kind:>8} batch {batch} steps {steps}: {100 * share:.2f}% of steered "
+                          f"wall time in the hook (implied ratio {1 - share:.3f})", flush=True)
+    finally:
+        sm.make_steer_fn = original
+    return rows
+
+
 def peak_rss_child(mode: str, new_tokens: int) -> int:
     """Run one generation in this process (called in a subprocess) and return its max RSS in KiB."""
     vector_kind = "dense" if mode == "dense" else "sparse64"
@@ -99,7 +143,8 @@ def peak_rss_child(mode: str, new_tokens: int) -> int:
 def peak_memory(args) -> dict:
     out = {}
     for mode in ("off", "sparse64", "dense"):
-        res = subprocess.run([sys.executable, __file__, "--child", mode, "--new-tokens", str(args.new_tokens)],
+        res = subprocess.run([sys.executable, __file__, "--child", mode, "--new-tokens", str(args.new_tokens)]
+                             + (["--threads", str(args.threads)] if args.threads else []),
                              capture_output=True, text=True, check=True)
         out[mode] = int(res.stdout.strip().splitlines()[-1])
     print(f"peak RSS at batch 8, steps 3: unsteered {out['off'] / 1024:.0f} MiB, sparse64 "
@@ -112,19 +157,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(peak_rss_child(args.child, args.new_tokens))
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    shares = hook_share(args)
     rows = throughput(args)
     mem = peak_memory(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"throughput": rows, "peak_rss_kib": mem}, f, indent=2)
+            json.dump({"hook_share": shares, "throughput": rows, "peak_rss_kib": mem}, f, indent=2)
 
 
 if __name__ == "__main__":
