@@ -98,9 +98,9 @@ def _bool(value: Any) -> bool:
 
 def _default_pretrained() -> str:
     """The default model's Hub id if the HF cache has it, else steerplug's offline conversion."""
-    from steerplug.models import _in_hf_cache, default_model_dir
+    from steerplug.models import default_model_ref
 
-    return DEFAULT_MODEL_ID if _in_hf_cache(DEFAULT_MODEL_ID, None, None) else str(default_model_dir())
+    return str(default_model_ref())
 
 
 def _load_add_vector(value: Any) -> torch.Tensor | None:

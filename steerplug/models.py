@@ -96,9 +96,7 @@ def load_model(model: Any = None, tokenizer: Any = None, *, dtype: torch.dtype |
         return model, tokenizer
     if not isinstance(model, (str, Path, type(None))):
         raise TypeError(f"model={model!r}: expected a Hub id, a folder, a PreTrainedModel or None.")
-    ref: str | Path = model if model is not None else DEFAULT_MODEL_ID
-    if _is_default(model) and not _in_hf_cache(DEFAULT_MODEL_ID, revision, cache_dir):
-        ref = default_model_dir()
+    ref = default_model_ref(revision, cache_dir) if _is_default(model) else model
     if dtype is None:
         dtype = torch.float32 if device_map in (None, "cpu") else "auto"
     elif isinstance(dtype, str) and dtype != "auto":
@@ -121,6 +119,14 @@ def load_model(model: Any = None, tokenizer: Any = None, *, dtype: torch.dtype |
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded, tokenizer
+
+
+def default_model_ref(revision: str | None = None, cache_dir: str | Path | None = None) -> str | Path:
+    """What ``from_pretrained`` should load for the default model: its Hub id when the Hugging Face
+    cache holds it, else the offline conversion of the embedded GGUF."""
+    if _in_hf_cache(DEFAULT_MODEL_ID, revision, cache_dir):
+        return DEFAULT_MODEL_ID
+    return default_model_dir()
 
 
 def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> bool:
