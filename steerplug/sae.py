@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from steerplug._config import require_ints
+
 SAE_CONFIG_NAME = "cfg.json"
 SAE_WEIGHTS_NAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -68,10 +70,7 @@ class SAEConfig:
                 f"{ARCHITECTURES} (SAELens 'standard' means 'relu')."
             )
         self.architecture = arch
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SAEConfig.{name}={value!r}: expected a positive integer.")
+        require_ints(self, ("d_in", "d_sae"))
         if arch == "topk":
             if not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
                 raise ValueError(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steerplug._config import require_ints
 from steerplug.models import DEFAULT_MODEL_ID
 from steerplug.steered_model import DEFAULT_ARTIFACTS_REPO
 from steerplug.vector import SteeringVector
@@ -67,9 +68,7 @@ class ArtifactsConfig:
     """Seed of every step."""
 
     def __post_init__(self) -> None:
-        for name in ("d_sae", "k", "total_tokens", "holdout_every", "per_prompt_set", "max_new_tokens"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"ArtifactsConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        require_ints(self, ("d_sae", "k", "total_tokens", "holdout_every", "per_prompt_set", "max_new_tokens"))
 
 
 def _sh(argv: list[str]) -> None:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from steerplug._config import require_ints
 from steerplug.layers import HookPoint, resolve_hook_point
 from steerplug.pipeline.examples import Example, tokenize_example
 
@@ -119,9 +120,7 @@ class CollectConfig:
             self.hooks = [self.hooks]
         if not self.hooks:
             raise ValueError("CollectConfig.hooks is empty: name at least one hook point.")
-        for name in ("max_length", "batch_size", "shard_tokens"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"CollectConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        require_ints(self, ("max_length", "batch_size", "shard_tokens"))
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"CollectConfig.dtype={self.dtype!r}: expected float32, float16 or bfloat16.")
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steerplug._config import require_ints
 from steerplug.layers import HookPoint, resolve_hook_point
 from steerplug.pipeline.collect import _first_tensor, capture_activations
 from steerplug.sae import SparseAutoencoder
@@ -58,12 +59,8 @@ class EvalConfig:
     """Show tqdm bars."""
 
     def __post_init__(self) -> None:
-        for name in ("wikitext_sequences", "seq_len", "batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
-        for name in ("hellaswag_items", "probe_prompts"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: expected >= 0.")
+        require_ints(self, ("wikitext_sequences", "seq_len", "batch_size"))
+        require_ints(self, ("hellaswag_items", "probe_prompts"), minimum=0)
         if not 0 < self.dense_threshold < 1:
             raise ValueError(f"EvalConfig.dense_threshold={self.dense_threshold!r}: expected in (0, 1).")
 

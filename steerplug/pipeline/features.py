@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from steerplug._config import require_ints
 from steerplug.layers import resolve_hook_point
 from steerplug.pipeline.collect import capture_activations
 from steerplug.pipeline.examples import (COMPLY_PREFIX, REFUSE_PREFIX, ROLE_ANSWER, Example,
@@ -69,12 +70,8 @@ class FeatureConfig:
     """Show tqdm bars."""
 
     def __post_init__(self) -> None:
-        for name in ("n_prompts", "max_new_tokens", "batch_size", "gen_batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"FeatureConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
-        for name in ("n_positive", "n_negative", "n_contexts", "context_tokens"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"FeatureConfig.{name}={getattr(self, name)!r}: expected >= 0.")
+        require_ints(self, ("n_prompts", "max_new_tokens", "batch_size", "gen_batch_size"))
+        require_ints(self, ("n_positive", "n_negative", "n_contexts", "context_tokens"), minimum=0)
         if self.n_positive + self.n_negative == 0:
             raise ValueError("FeatureConfig: n_positive + n_negative is 0; the vector would be empty.")
         if not 0.0 <= self.heldout_fraction < 1.0:

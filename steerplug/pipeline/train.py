@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from steerplug._config import require_ints
 from steerplug.pipeline.trainers import SAETrainer, TrainerConfig, make_trainer
 from steerplug.sae import SparseAutoencoder
 
@@ -55,9 +56,7 @@ class TrainConfig:
     """Show a tqdm bar."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "total_tokens", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        require_ints(self, ("batch_size", "total_tokens", "log_every"))
         if self.checkpoint_every < 0:
             raise ValueError(f"TrainConfig.checkpoint_every={self.checkpoint_every!r}: expected >= 0.")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):

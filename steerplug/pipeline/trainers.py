@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from steerplug._config import require_ints
 from steerplug.sae import SparseAutoencoder
 
 
@@ -65,9 +66,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ("topk", "relu"):
             raise ValueError(f"TrainerConfig.architecture={self.architecture!r}: expected 'topk' or 'relu'.")
-        for name in ("d_in", "d_sae", "total_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: expected a positive integer.")
+        require_ints(self, ("d_in", "d_sae", "total_steps"))
         if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"TrainerConfig.k={self.k!r}: expected 1 <= k <= d_sae={self.d_sae}.")
         if not 0.0 <= self.decay_start <= 1.0:
