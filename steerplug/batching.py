@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from steerplug.hooks import CallState
+from steerplug.layers import hidden_of
 from steerplug.steering import POSITIONS
 
 logger = logging.getLogger(__name__)
@@ -611,7 +612,7 @@ def _capture(point: Any, key: str, into: dict[str, torch.Tensor]):
 
     if point.io == "output":
         def hook(module, args, output):
-            save(output if isinstance(output, torch.Tensor) else output[0])
+            save(hidden_of(output))
         return point.module.register_forward_hook(hook)
 
     def pre_hook(module, args, kwargs):

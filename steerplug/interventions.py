@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from steerplug.hooks import CallState, hooks_installed, make_steer_fn
-from steerplug.layers import HookPoint, module_device
+from steerplug.layers import HookPoint, hidden_of, module_device
 from steerplug.steered_model import SteeredModel
 from steerplug.steering import FeatureObjective, SteeringConfig
 
@@ -128,7 +128,7 @@ def _gate_hook(point: HookPoint, objective_for, state: CallState, threshold: flo
 
     if point.io == "output":
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            gate(output if isinstance(output, torch.Tensor) else output[0])
+            gate(hidden_of(output))
         return point.module.register_forward_hook(hook)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -206,7 +206,7 @@ def last_token_activations(model: nn.Module, tokenizer: Any, point: HookPoint, t
 
     if point.io == "output":
         handle = point.module.register_forward_hook(
-            lambda m, a, o: grab(o if isinstance(o, torch.Tensor) else o[0]))
+            lambda m, a, o: grab(hidden_of(o)))
     else:
         handle = point.module.register_forward_pre_hook(
             lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
@@ -249,7 +249,7 @@ def prompt_scores(steered: SteeredModel, texts: Sequence[str], batch_size: int =
     point = steered.hook_point
     if point.io == "output":
         handle = point.module.register_forward_hook(
-            lambda m, a, o: captured.append(o if isinstance(o, torch.Tensor) else o[0]))
+            lambda m, a, o: captured.append(hidden_of(o)))
     else:
         handle = point.module.register_forward_pre_hook(
             lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)

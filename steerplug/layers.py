@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,6 +148,12 @@ def _is_module_path(model: nn.Module, hook: str | int) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden state in a block's output: the tensor itself (transformers >= 5) or the first
+    element of the tuple (transformers 4)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from steerplug._config import require_ints
-from steerplug.layers import HookPoint, resolve_hook_point
+from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
 from steerplug.pipeline.examples import Example, tokenize_example
 
 MANIFEST_NAME = "manifest.json"
@@ -47,10 +47,6 @@ def _depth(hp: HookPoint) -> tuple[int, int]:
     """Execution order of hook points: layer, then resid_pre < mlp_out < resid_post."""
     kind = hp.name.rsplit(".", 1)[-1]
     return hp.layer, _KIND_ORDER.get(kind, 2 if hp.io == "output" else 0)
-
-
-def _first_tensor(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @torch.no_grad()
@@ -77,7 +73,7 @@ def capture_activations(model: nn.Module, hook_points: list[HookPoint], input_id
             return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
         def post_hook(module, args, output):
-            captured[hp.name] = _first_tensor(output).detach()
+            captured[hp.name] = hidden_of(output).detach()
             if stop:
                 raise _StopForward
         return hp.module.register_forward_hook(post_hook)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from steerplug._config import require_ints
-from steerplug.layers import HookPoint, resolve_hook_point
-from steerplug.pipeline.collect import _first_tensor, capture_activations
+from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
+from steerplug.pipeline.collect import capture_activations
 from steerplug.sae import SparseAutoencoder
 
 REPORT_NAME = "eval_report.json"
@@ -174,7 +174,7 @@ def ce_and_activations(model: nn.Module, sae: SparseAutoencoder, hook_point: Hoo
     store: dict[str, torch.Tensor] = {}
 
     def grab(module, args, output):
-        store["h"] = (args[0] if hook_point.io == "input" else _first_tensor(output)).detach()
+        store["h"] = (args[0] if hook_point.io == "input" else hidden_of(output)).detach()
 
     for ids, mask in tqdm(list(_batches(seqs, batch_size, pad_id)), desc="CE", disable=not progress):
         handle = (hook_point.module.register_forward_pre_hook(lambda m, a: grab(m, a, None))
