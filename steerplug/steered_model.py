@@ -84,6 +84,7 @@ class SteeredModel:
         self.hook_point: HookPoint | None = None
         self._enabled = True
         self._grad_fns: dict[torch.device, Any] = {}
+        self._objectives: dict[tuple, FeatureObjective] = {}
         if sae is None:
             if vector is not None or objective is not None:
                 raise ValueError("A steering vector or objective needs an SAE: pass sae=.")
@@ -164,20 +165,25 @@ class SteeredModel:
 
     def _grad_fn_for(self, device: torch.device):
         """The gradient function on ``device``, built once (the SAE maths runs in float32 there)."""
+        if self.objective is None:
+            return self.feature_objective(device).grad
         fn = self._grad_fns.get(device)
         if fn is None:
-            if self.objective is None:
-                fn = FeatureObjective(self.sae, self.vector, device).grad
-            else:
-                sae = self.sae.to(device=device, dtype=torch.float32)
-                user = self.objective
-                fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
+            sae = self.sae.to(device=device, dtype=torch.float32)
+            user = self.objective
+            fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
             self._grad_fns[device] = fn
         return fn
 
     def feature_objective(self, device: torch.device | str | None = None) -> FeatureObjective:
-        """The ``encode(h) . w`` objective on ``device`` (for diagnostics: loss before/after)."""
-        return FeatureObjective(self.sae, self.vector, device or module_device(self.hook_point.module))
+        """The ``encode(h) . w`` objective on ``device`` (default: the hooked layer's), built once
+        per device, SAE and vector, and reused (by the hook, and for diagnostics)."""
+        device = torch.device(device) if device is not None else module_device(self.hook_point.module)
+        key = (device, id(self.sae), id(self.vector))
+        objective = self._objectives.get(key)
+        if objective is None:
+            objective = self._objectives[key] = FeatureObjective(self.sae, self.vector, device)
+        return objective
 
     def _resolve_config(self, overrides: dict[str, Any]) -> SteeringConfig:
         given = {k: overrides.pop(k) for k in list(overrides) if k in _STEERING_KEYS}
