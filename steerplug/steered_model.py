@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -169,7 +170,9 @@ class SteeredModel:
             return self.feature_objective(device).grad
         fn = self._grad_fns.get(device)
         if fn is None:
-            sae = self.sae.to(device=device, dtype=torch.float32)
+            sae = self.sae
+            if sae.W_enc.device != device or sae.W_enc.dtype != torch.float32:
+                sae = copy.deepcopy(sae).to(device=device, dtype=torch.float32)  # the user's SAE stays as it is
             user = self.objective
             fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
             self._grad_fns[device] = fn
