@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +106,27 @@ def load_prompts(name: str, data: str | os.PathLike | None = None, limit: int | 
     return prompts[:limit] if limit is not None else prompts
 
 
-def wikitext_test(data: str | os.PathLike | None = None) -> str:
-    """WikiText-2 raw test text (generic English, for held-out SAE evaluation)."""
-    return (data_dir(data) / "wikitext2_raw_test" / "wiki.test.raw").read_text(encoding="utf-8")
+WIKITEXT_EVAL_FRACTION = 0.25
+"""The first quarter of WikiText-2 test (whole articles) is the SAE evaluation text; the rest may be
+used for training. Only the test split is available offline, so this split keeps the two disjoint."""
+
+
+def wikitext_test(data: str | os.PathLike | None = None, part: str = "all") -> str:
+    """WikiText-2 raw test text (generic English).
+
+    ``part``: ``"all"``; ``"eval"``, the articles in the first :data:`WIKITEXT_EVAL_FRACTION` of the
+    file (held-out SAE evaluation); ``"train"``, the remaining articles (never overlapping ``eval``).
+    """
+    text = (data_dir(data) / "wikitext2_raw_test" / "wiki.test.raw").read_text(encoding="utf-8")
+    if part == "all":
+        return text
+    if part not in ("eval", "train"):
+        raise ValueError(f"wikitext_test(part={part!r}): expected 'all', 'eval' or 'train'.")
+    # Split at the first top-level article heading (" = Title = ") after the eval fraction.
+    heading = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+    m = heading.search(text, int(len(text) * WIKITEXT_EVAL_FRACTION))
+    cut = m.start() if m else len(text)
+    return text[:cut] if part == "eval" else text[cut:]
 
 
 def hh_rlhf_harmless_test(data: str | os.PathLike | None = None) -> list[dict[str, str]]:

@@ -79,3 +79,16 @@ def test_logistic_probe_learns_and_ignores_silent_inputs():
     x[100:, 5] = 1e4 * torch.randn(100, generator=g)
     acc = logistic_probe(x[:100], y[:100], x[100:], y[100:])
     assert acc > 0.85
+
+
+def test_logistic_probe_chooses_its_l2_without_the_test_labels():
+    """Cross-validation on the training split only: flipping every test label flips the accuracy."""
+    from steerplug.pipeline.evaluate import logistic_probe
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(160, 100, generator=g)  # more inputs than training rows: the L2 choice matters
+    y = (x[:, 0] > 0).long()
+    acc = logistic_probe(x[:80], y[:80], x[80:], y[80:], epochs=100)
+    flipped = logistic_probe(x[:80], y[:80], x[80:], 1 - y[80:], epochs=100)
+    assert acc > 0.6
+    assert abs(acc + flipped - 1.0) < 1e-6

@@ -307,7 +307,7 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
                    progress: bool = True) -> list[Example]:
     """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
     given; ``hh_rlhf_text`` more of them as plain "Human: / Assistant:" text without the chat
-    template, sampled independently with ``seed + 1``) and WikiText chunks (evaluation only). ``limit_per_set`` samples each prompt set with
+    template, sampled independently with ``seed + 1``) and chunks of WikiText-2 test's training part (disjoint from the articles ``evaluate-sae`` scores). ``limit_per_set`` samples each prompt set with
     ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused."""
     from steerplug import data as D
     from steerplug.pipeline.examples import generate_answers, hh_rlhf_examples, prompt_examples, text_examples
@@ -336,8 +336,9 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
         examples += [Example(text=dialogues[int(i)]["chosen"].strip(),
                              labels={"source": "hh_rlhf_text", "index": int(i)}) for i in pick.sort().values]
     if wikitext_chunks:
-        examples += text_examples(D.wikitext_test(data), tokenizer, chunk_tokens, limit=wikitext_chunks,
-                                  source="wikitext2_test")
+        # Only the training part: the evaluation part stays held out (steerplug.data.wikitext_test).
+        examples += text_examples(D.wikitext_test(data, part="train"), tokenizer, chunk_tokens,
+                                  limit=wikitext_chunks, source="wikitext2_test_train_part")
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(Path(cache), [asdict(e) for e in examples])
@@ -356,7 +357,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hh-rlhf", type=int, default=0, help="number of HH-RLHF dialogues (answers given)")
     p.add_argument("--hh-rlhf-text", type=int, default=0,
                    help="number of HH-RLHF dialogues as plain text (no chat template)")
-    p.add_argument("--wikitext-chunks", type=int, default=0, help="WikiText-2 test chunks (evaluation only!)")
+    p.add_argument("--wikitext-chunks", type=int, default=0, help="chunks of WikiText-2 test's training part (the evaluation part is never collected)")
     p.add_argument("--no-generate", action="store_true", help="prompts only, no generated answers")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-length", type=int, default=256)

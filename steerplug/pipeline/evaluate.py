@@ -256,15 +256,13 @@ def hellaswag_eval(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, hoo
 
 
 # --- probes ----------------------------------------------------------------------------------------
-def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                   y_test: torch.Tensor, *, epochs: int = 300, weight_decay: float = 1e-3,
-                   lr: float = 1e-2, seed: int = 0) -> float:
-    """Test accuracy of a linear+softmax classifier (standardised inputs, Adam, full batch)."""
+PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+"""The L2 strengths a probe chooses from, by cross-validation on its training split."""
+
+
+def _fit_probe(xtr: torch.Tensor, ytr: torch.Tensor, n_cls: int, weight_decay: float, epochs: int,
+               lr: float, seed: int) -> nn.Linear:
     torch.manual_seed(seed)
-    mu, sd = x_train.mean(0), x_train.std(0)
-    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant in train (e.g. a silent latent): no rescale
-    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
-    n_cls = int(max(y_train.max(), y_test.max())) + 1
     lin = nn.Linear(xtr.shape[1], n_cls)
     with torch.no_grad():  # zero init: inputs the training set never varies keep a zero weight
         lin.weight.zero_()
@@ -273,8 +271,45 @@ def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     with torch.enable_grad():
         for _ in range(epochs):
             opt.zero_grad()
-            F.cross_entropy(lin(xtr), y_train).backward()
+            F.cross_entropy(lin(xtr), ytr).backward()
             opt.step()
+    return lin
+
+
+def _standardise(x_train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mu, sd = x_train.mean(0), x_train.std(0)
+    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant in train (e.g. a silent latent): no rescale
+    return [(x - mu) / sd for x in (x_train, *others)]
+
+
+def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                   y_test: torch.Tensor, *, epochs: int = 300,
+                   weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS, folds: int = 5,
+                   lr: float = 1e-2, seed: int = 0) -> float:
+    """Test accuracy of a linear+softmax classifier (standardised inputs, Adam, full batch).
+
+    The L2 strength is chosen from ``weight_decays`` by ``folds``-fold cross-validation on the
+    training split only (the test split is touched once), the same way for every input, so raw
+    activations and SAE features each get their best-regularised probe."""
+    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    if len(weight_decays) > 1:
+        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
+        parts = perm.chunk(folds)
+        scores = []
+        for wd in weight_decays:
+            hits = 0
+            for i, val in enumerate(parts):
+                tr = torch.cat([p for j, p in enumerate(parts) if j != i])
+                a, b = _standardise(x_train[tr], x_train[val])
+                lin = _fit_probe(a, y_train[tr], n_cls, wd, epochs, lr, seed)
+                with torch.no_grad():
+                    hits += int((lin(b).argmax(-1) == y_train[val]).sum())
+            scores.append(hits)
+        weight_decay = weight_decays[max(range(len(scores)), key=lambda i: (scores[i], weight_decays[i]))]
+    else:
+        weight_decay = weight_decays[0]
+    xtr, xte = _standardise(x_train, x_test)
+    lin = _fit_probe(xtr, y_train, n_cls, weight_decay, epochs, lr, seed)
     with torch.no_grad():
         return float((lin(xte).argmax(-1) == y_test).float().mean())
 
@@ -348,10 +383,11 @@ def probe_eval(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, hook_po
 
 # --- the whole evaluation --------------------------------------------------------------------------
 def wikitext_sequences(tokenizer: Any, n: int, seq_len: int, data: str | None = None) -> list[list[int]]:
-    """``n`` consecutive chunks of ``seq_len`` tokens of WikiText-2 test."""
+    """``n`` consecutive chunks of ``seq_len`` tokens of WikiText-2 test, from its evaluation part
+    (:func:`steerplug.data.wikitext_test`, ``part="eval"``: disjoint from the part SAEs train on)."""
     from steerplug.data import wikitext_test
 
-    ids = tokenizer(wikitext_test(data)[:n * seq_len * 8], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(wikitext_test(data, part="eval")[:n * seq_len * 8], add_special_tokens=False)["input_ids"]
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(min(n, len(ids) // seq_len))]
 
 
