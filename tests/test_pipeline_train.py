@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steerplug.pipeline import train as T
-from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, make_trainer, sparse_decode
+from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, auxk_loss, make_trainer, sparse_decode
 from steerplug.sae import SparseAutoencoder
 
 
@@ -43,6 +43,54 @@ def test_topk_autograd_matches_reference():
 
     for g1, g2 in zip(torch.autograd.grad(fast(), [W, b, bd, Wd]), torch.autograd.grad(ref(), [W, b, bd, Wd])):
         torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("n_dead", [3, 20])  # fewer and more dead latents than k_aux
+def test_auxk_loss_on_dead_columns_matches_dense_reference(n_dead):
+    g = torch.Generator().manual_seed(1)
+    B, D, F_, k_aux = 12, 8, 32, 6
+    pre = torch.randn(B, F_, dtype=torch.double, generator=g, requires_grad=True)
+    Wd = torch.randn(F_, D, dtype=torch.double, generator=g, requires_grad=True)
+    e = torch.randn(B, D, dtype=torch.double, generator=g)
+    dead = torch.zeros(F_, dtype=torch.bool)
+    dead[torch.randperm(F_, generator=g)[:n_dead]] = True
+    tv = torch.tensor(50.0, dtype=torch.double)
+
+    def ref():  # the whole-width formulation: mask the live latents, top-k, decode with all of W_dec
+        k = min(k_aux, n_dead)
+        v, i = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1)
+        e_hat = (v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1)
+        return min(n_dead / k_aux, 1.0) * (e_hat + e).pow(2).sum() / tv
+
+    fast = auxk_loss(pre, e, dead, Wd, k_aux, tv)
+    torch.testing.assert_close(fast, ref())
+    for g1, g2 in zip(torch.autograd.grad(fast, [pre, Wd]), torch.autograd.grad(ref(), [pre, Wd])):
+        torch.testing.assert_close(g1, g2)
+    assert float(torch.autograd.grad(auxk_loss(pre, e, dead, Wd, k_aux, tv), Wd)[0][~dead].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("n_dead", [3, 20])  # fewer and more dead latents than k_aux
+def test_auxk_loss_on_dead_columns_matches_dense_reference(n_dead):
+    g = torch.Generator().manual_seed(1)
+    B, D, F_, k_aux = 12, 8, 32, 6
+    pre = torch.randn(B, F_, dtype=torch.double, generator=g, requires_grad=True)
+    Wd = torch.randn(F_, D, dtype=torch.double, generator=g, requires_grad=True)
+    e = torch.randn(B, D, dtype=torch.double, generator=g)
+    dead = torch.zeros(F_, dtype=torch.bool)
+    dead[torch.randperm(F_, generator=g)[:n_dead]] = True
+    tv = torch.tensor(50.0, dtype=torch.double)
+
+    def ref():  # the whole-width formulation: mask the live latents, top-k, decode with all of W_dec
+        k = min(k_aux, n_dead)
+        v, i = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1)
+        e_hat = (v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1)
+        return min(n_dead / k_aux, 1.0) * (e_hat + e).pow(2).sum() / tv
+
+    fast = auxk_loss(pre, e, dead, Wd, k_aux, tv)
+    torch.testing.assert_close(fast, ref())
+    for g1, g2 in zip(torch.autograd.grad(fast, [pre, Wd]), torch.autograd.grad(ref(), [pre, Wd])):
+        torch.testing.assert_close(g1, g2)
+    assert float(torch.autograd.grad(auxk_loss(pre, e, dead, Wd, k_aux, tv), Wd)[0][~dead].abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])

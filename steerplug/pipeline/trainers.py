@@ -154,6 +154,22 @@ def sparse_decode(idx: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor) ->
     return _SparseDecode.apply(idx, acts, W_dec)
 
 
+def auxk_loss(pre: torch.Tensor, e: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, k_aux: int,
+              total_var: torch.Tensor) -> torch.Tensor:
+    """The AuxK loss (Gao et al. 2024): the top ``k_aux`` dead latents of the pre-activations
+    ``pre (B, F)`` reconstruct the residual ``-e = x - x_hat (B, D)``, relative to ``total_var``;
+    scaled by ``n_dead / k_aux`` below ``k_aux`` dead latents.
+
+    Only the dead columns are touched: the top-k and both decoder GEMMs cost ``n_dead``, not ``F``.
+    """
+    dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
+    n_dead = int(dead_idx.numel())
+    k = min(k_aux, n_dead)
+    vals, idx = pre.index_select(1, dead_idx).topk(k, dim=-1, sorted=False)  # (B, k), local indices
+    e_hat = sparse_decode(idx, vals.clamp_min(0), W_dec.index_select(0, dead_idx))  # (B, D)
+    return min(n_dead / k_aux, 1.0) * (e_hat + e.detach()).pow(2).sum() / total_var
+
+
 # --- the trainers --------------------------------------------------------------------------------
 def init_sae(cfg: TrainerConfig) -> SparseAutoencoder:
     """Unit-norm random decoder rows, encoder = decoder transpose, zero biases (Gao et al.)."""
@@ -255,13 +271,8 @@ class TopKTrainer(SAETrainer):
         dead_frac = self._track(fired, x.shape[0])
         dead = self.tokens_since_fired >= c.dead_tokens  # (F,)
         aux = torch.zeros(())
-        n_dead = int(dead.sum())
-        if c.auxk_alpha > 0 and n_dead > 0:
-            k_aux = min(c.d_in // 2, n_dead)
-            scale = min(n_dead / (c.d_in // 2), 1.0)
-            aux_vals, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            e_hat = sparse_decode(aux_idx, aux_vals.clamp_min(0), sae.W_dec)  # (B, D)
-            aux = scale * (e_hat + e.detach()).pow(2).sum() / total_var  # predicts x - x_hat
+        if c.auxk_alpha > 0 and bool(dead.any()):
+            aux = auxk_loss(pre, e, dead, sae.W_dec, c.d_in // 2, total_var)
             loss = loss + c.auxk_alpha * aux
         self._step(step, loss)
         with torch.no_grad():
