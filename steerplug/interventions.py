@@ -11,9 +11,12 @@ finite checks) with a one-step, un-normalised "gradient" whose negative is the e
   ``clamp_value``; the edit ``(f_target - f) @ W_dec`` keeps the SAE's reconstruction error.
 
 A *gate* (``gate_threshold``) makes any of them conditional: at every full forward pass (the
-prompt of ``generate``, each loglikelihood batch) it scores each row by the largest
-``encode(h) . w`` over its prompt positions, before any edit, and switches the intervention off
-for rows scoring at or below the threshold (``CallState.row_lr = 0``).
+prompt of ``generate``, each loglikelihood batch) it scores each row by ``encode(h) . w_gate``
+pooled (mean, or max) over its prompt positions, before any edit, and switches the intervention
+off for rows scoring at or below the threshold (``CallState.row_lr = 0``). ``w_gate`` is a
+detector over SAE features (:func:`prompt_detector`: harmful vs harmless prompts), or the
+steering vector itself. Each row's first real token is left out: its activation is the
+attention sink's, far larger than any other, and says nothing about the prompt.
 
 No lm_eval import here: :mod:`steerplug.lm_eval_plugin` and :mod:`steerplug.report` build on it.
 """
@@ -32,8 +35,10 @@ from steerplug.hooks import CallState, hooks_installed, make_steer_fn
 from steerplug.layers import HookPoint, hidden_of, module_device
 from steerplug.steered_model import SteeredModel
 from steerplug.steering import FeatureObjective, SteeringConfig
+from steerplug.vector import SteeringVector
 
 INTERVENTIONS = ("gradient", "add", "clamp")
+GATE_POOLS = ("mean", "max")
 
 
 @dataclass
@@ -49,17 +54,28 @@ class Intervention:
     clamp_value: float | None = None
     """For ``clamp``: the value safe features (``w < 0``) are set to; None leaves them alone."""
     gate_threshold: float | None = None
-    """Intervene only on rows whose prompt scores ``max_t encode(h_t) . w`` above this; None: always."""
+    """Intervene only on rows whose prompt scores above this (see ``gate_pool``); None: always."""
+    gate_vector: SteeringVector | None = None
+    """Feature weights the gate scores with (e.g. :func:`prompt_detector`); None: the steering vector."""
+    gate_pool: str = "mean"
+    """How a row's per-token scores ``encode(h_t) . w_gate`` over its prompt become one: ``mean`` or ``max``."""
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTIONS:
             raise ValueError(f"Intervention.kind={self.kind!r}: expected one of {INTERVENTIONS}.")
         if self.kind == "add" and self.add_vector is None:
             raise ValueError("Intervention.kind='add' needs add_vector= (a (d_model,) tensor).")
+        if self.gate_pool not in GATE_POOLS:
+            raise ValueError(f"Intervention.gate_pool={self.gate_pool!r}: expected one of {GATE_POOLS}.")
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (the vector by its norm and a checksum, not its values)."""
         out: dict[str, Any] = {"kind": self.kind, "gate_threshold": self.gate_threshold}
+        if self.gate_threshold is not None:
+            out["gate_pool"] = self.gate_pool
+            if self.gate_vector is not None:
+                out.update(gate_vector_nnz=self.gate_vector.nnz,
+                           gate_vector_sum=round(float(self.gate_vector.dense().sum()), 6))
         if self.kind == "add":
             v = self.add_vector.float()
             out.update(add_scale=self.add_scale, add_vector_norm=round(float(v.norm()), 6),
@@ -109,7 +125,21 @@ def _clamp_grad_fn_for(steered: SteeredModel, clamp_value: float | None):
     return grad_fn_for
 
 
-def _gate_hook(point: HookPoint, objective_for, state: CallState, threshold: float, lr: float):
+def pool_prompt_scores(scores: torch.Tensor, keep: torch.Tensor, pool: str) -> torch.Tensor:
+    """``(B, T)`` per-token scores -> ``(B,)`` over the positions ``keep (B, T)`` marks, leaving out
+    each row's first kept position (the attention sink) unless it is the only one."""
+    first = keep.int().argmax(dim=1, keepdim=True)  # (B, 1): each row's first real token
+    rest = keep.clone()
+    rest.scatter_(1, first, False)
+    keep = torch.where(rest.any(1, keepdim=True), rest, keep)
+    if pool == "max":
+        return scores.masked_fill(~keep, float("-inf")).amax(dim=1)
+    n = keep.sum(1)  # (B,)
+    mean = (scores * keep).sum(1) / n.clamp_min(1)
+    return torch.where(n > 0, mean, torch.full_like(mean, float("-inf")))
+
+
+def _gate_hook(point: HookPoint, objective_for, state: CallState, threshold: float, lr: float, pool: str):
     """A hook that scores each row's prompt (unsteered) and writes ``state.row_lr``."""
 
     def gate(h: torch.Tensor) -> None:
@@ -123,8 +153,7 @@ def _gate_hook(point: HookPoint, objective_for, state: CallState, threshold: flo
         mask = state.attention_mask
         if mask is not None and mask.dim() == 2 and mask.shape[-1] >= T:
             keep = keep & mask[:, :T].to(device=h.device, dtype=torch.bool)
-        best = scores.masked_fill(~keep, float("-inf")).amax(dim=1)  # (B,)
-        state.row_lr = (best > threshold).float() * lr  # (B,)
+        state.row_lr = (pool_prompt_scores(scores, keep, pool) > threshold).float() * lr  # (B,)
 
     if point.io == "output":
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -170,9 +199,10 @@ def intervene(steered: SteeredModel, state: CallState, config: SteeringConfig | 
 
             def objective_for(device: torch.device) -> FeatureObjective:
                 if device not in objectives:
-                    objectives[device] = steered.feature_objective(device)
+                    objectives[device] = (steered.feature_objective(device) if spec.gate_vector is None
+                                          else FeatureObjective(steered.sae, spec.gate_vector, device))
                 return objectives[device]
-            handle = _gate_hook(point, objective_for, state, float(spec.gate_threshold), lr)
+            handle = _gate_hook(point, objective_for, state, float(spec.gate_threshold), lr, spec.gate_pool)
             stack.callback(handle.remove)  # registered first, so it runs before the edit
         if spec.kind == "gradient":
             stack.enter_context(steered.steering(state, config))
@@ -240,9 +270,12 @@ def difference_of_means(model: nn.Module, tokenizer: Any, point: HookPoint, harm
 
 
 @torch.no_grad()
-def prompt_scores(steered: SteeredModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """``(N,)``: each text's largest ``encode(h_t) . w`` over its tokens (what the gate thresholds)."""
-    objective = steered.feature_objective()
+def prompt_scores(steered: SteeredModel, texts: Sequence[str], vector: SteeringVector | None = None,
+                    pool: str = "mean", batch_size: int = 16) -> torch.Tensor:
+    """``(N,)``: each text's ``encode(h_t) . w`` pooled over its tokens but the first, as the gate
+    scores it (``vector``: the weights, default the steering vector)."""
+    objective = (steered.feature_objective() if vector is None
+                 else FeatureObjective(steered.sae, vector, steered.device))
     tok = steered.tokenizer
     scores: list[torch.Tensor] = []
     captured: list[torch.Tensor] = []
@@ -262,15 +295,63 @@ def prompt_scores(steered: SteeredModel, texts: Sequence[str], batch_size: int =
             h = captured.pop()  # (B, T, D)
             B, T, D = h.shape
             s = objective.loss(h.reshape(B * T, D).float()).reshape(B, T)
-            s = s.masked_fill(~enc["attention_mask"].bool().to(s.device), float("-inf"))
-            scores.append(s.amax(1).cpu())
+            scores.append(pool_prompt_scores(s, enc["attention_mask"].bool().to(s.device), pool).cpu())
     finally:
         handle.remove()
     return torch.cat(scores)
 
 
-def choose_threshold(harmful_scores: torch.Tensor, harmless_scores: torch.Tensor) -> float:
-    """The threshold maximising TPR - FPR (Youden's J) between two score sets (ties: the lowest)."""
+@torch.no_grad()
+def pooled_sae_features(steered: SteeredModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """``(N, F)``: SAE features of each text, averaged over its tokens but the first."""
+    tok = steered.tokenizer
+    sae = steered.sae
+    rows: list[torch.Tensor] = []
+    captured: list[torch.Tensor] = []
+    point = steered.hook_point
+    if point.io == "output":
+        handle = point.module.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
+    else:
+        handle = point.module.register_forward_pre_hook(
+            lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            enc = {k: v.to(steered.device) for k, v in enc.items()}
+            steered.model(**enc)
+            h = captured.pop()  # (B, T, D)
+            keep = enc["attention_mask"].bool().to(h.device)
+            keep.scatter_(1, keep.int().argmax(dim=1, keepdim=True), False)  # not the first real token
+            f = sae.encode(h.to(sae.W_enc.dtype)).float()  # (B, T, F)
+            m = keep.unsqueeze(-1).float()
+            rows.append(((f * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+def prompt_detector(steered: SteeredModel, harmful: Sequence[str], harmless: Sequence[str],
+                    n_features: int = 32, batch_size: int = 16) -> SteeringVector:
+    """A sparse detector over SAE features for the gate: the ``n_features`` features whose mean
+    activation over the (chat-formatted) prompt best separates ``harmful`` from ``harmless``
+    (Cohen's d, either sign), weighted by ``d / max|d|``."""
+    a = pooled_sae_features(steered, harmful, batch_size)  # (Nh, F)
+    b = pooled_sae_features(steered, harmless, batch_size)  # (Nb, F)
+    d = (a.mean(0) - b.mean(0)) / ((a.var(0) + b.var(0)) / 2 + 1e-6).sqrt()  # (F,)
+    top = d.abs().topk(min(n_features, d.numel())).indices.sort().values
+    return SteeringVector(d.numel(), indices=top, values=d[top] / d[top].abs().max())
+
+
+def choose_threshold(harmful_scores: torch.Tensor, harmless_scores: torch.Tensor,
+                     max_fpr: float | None = None) -> float:
+    """The threshold maximising TPR - FPR (Youden's J) between two score sets (ties: the lowest).
+    With ``max_fpr``: the lowest threshold whose false-positive rate on ``harmless_scores`` is at
+    most that (the highest TPR within the budget)."""
+    if max_fpr is not None:
+        for thr in [float(harmless_scores.min()) - 1.0] + harmless_scores.sort().values.tolist():
+            if float((harmless_scores > thr).float().mean()) <= max_fpr:
+                return thr
     cands = torch.cat([harmful_scores, harmless_scores]).unique().sort().values  # (K,)
     best, best_thr = -2.0, float(cands[0]) - 1.0
     for thr in [float(cands[0]) - 1.0] + cands.tolist():

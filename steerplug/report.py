@@ -9,8 +9,11 @@ One command evaluates, on the same model and the same prompts:
   ``harmless_train``);
 * ``clamp``: SAE feature clamping (the steering vector's harmful features set to 0 at every position);
 * ``steerplug lr=<x>``: gradient steering at several strengths;
-* ``conditional lr=<x>``: gradient steering only on prompts whose harmful features fire (gate
-  threshold chosen on the train splits, maximising TPR - FPR);
+* ``conditional lr=<x>``: gradient steering only on prompts whose harmful features fire: a gate
+  scores the prompt with a sparse detector over SAE features (:func:`~steerplug.interventions.prompt_detector`,
+  built on ``harmful_train`` / ``harmless_train``), its threshold chosen on ``harmful_val`` /
+  ``harmless_val`` for a false-positive rate of at most ``--gate-max-fpr``;
+* ``gated CAA x<s>``: the same gate in front of activation addition (the gated baseline);
 
 on refusal of harmful prompts (JailbreakBench, HarmBench test, refusal-direction ``harmful_test``),
 over-refusal of harmless ones (JailbreakBench benign, refusal-direction ``harmless_test`` (Alpaca),
@@ -72,9 +75,11 @@ class Method:
 
 
 def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[float] | None = None,
-                    conditional_lr: float | None = None) -> list[Method]:
+                    conditional_lr: float | list[float] | None = None,
+                    gated_caa_scales: list[float] | None = None) -> list[Method]:
     """The sweep of the module docstring."""
     caa_scales = caa_scales if caa_scales is not None else [1.0]
+    gated_caa_scales = gated_caa_scales if gated_caa_scales is not None else caa_scales
     methods = [Method("unsteered", "unsteered"),
                Method("system prompt", "system_prompt", system_prompt=SAFETY_SYSTEM_PROMPT)]
     methods += [Method(f"CAA x{s:g}", "caa", {"steps": 1, "positions": "all"},
@@ -83,20 +88,26 @@ def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[flo
     methods += [Method(f"steerplug lr={lr:g}", "steerplug", {"steps": steps, "lr": lr})
                 for lr in strengths]
     if strengths:
-        lr = conditional_lr if conditional_lr is not None else max(strengths)
-        methods.append(Method(f"conditional lr={lr:g}", "conditional", {"steps": steps, "lr": lr},
-                              {"gate_threshold": "auto"}))
+        lrs = (conditional_lr if isinstance(conditional_lr, list)
+               else [conditional_lr] if conditional_lr is not None else [max(strengths)])
+        methods += [Method(f"conditional lr={lr:g}", "conditional", {"steps": steps, "lr": lr},
+                           {"gate_threshold": "auto", "gate_vector": "auto"}) for lr in lrs]
+    methods += [Method(f"gated CAA x{s:g}", "caa_gated", {"steps": 1, "positions": "all"},
+                       {"kind": "add", "add_vector": "auto", "add_scale": s, "gate_threshold": "auto",
+                        "gate_vector": "auto"}) for s in gated_caa_scales]
     return methods
 
 
 # --- ingredients ------------------------------------------------------------------------------
 def prepare(lm: Any, methods: list[Method], calib_n: int = 64, data_dir: str | None = None,
-            ) -> dict[str, Any]:
-    """Compute the ``"auto"`` ingredients on ``harmful_train`` / ``harmless_train``: the CAA
-    direction and the gate threshold. Returns what was computed (for the report)."""
+            gate_max_fpr: float | None = 0.05, gate_features: int = 32) -> dict[str, Any]:
+    """Compute the ``"auto"`` ingredients: the CAA direction and the gate's detector on
+    ``harmful_train`` / ``harmless_train`` (``calib_n`` each), the gate's threshold on
+    ``harmful_val`` / ``harmless_val`` (all of ``harmful_val``, as many ``harmless_val``).
+    Returns what was computed (for the report)."""
     from steerplug.data import load_prompts
     from steerplug.interventions import (chat_prompts, choose_threshold, difference_of_means,
-                                         prompt_scores)
+                                         prompt_detector, prompt_scores)
 
     need_vec = any(m.intervention.get("add_vector") == "auto" for m in methods)
     need_gate = any(m.intervention.get("gate_threshold") == "auto" for m in methods)
@@ -116,14 +127,22 @@ def prepare(lm: Any, methods: list[Method], calib_n: int = 64, data_dir: str | N
             if m.intervention.get("add_vector") == "auto":
                 m.intervention["add_vector"] = vec
     if need_gate and steered.sae is not None:
-        hs = prompt_scores(steered, chat_prompts(lm.tokenizer, harmful))
-        bs = prompt_scores(steered, chat_prompts(lm.tokenizer, harmless))
-        thr = choose_threshold(hs, bs)
-        info["gate"] = {"threshold": thr, "train_tpr": float((hs > thr).float().mean()),
-                        "train_fpr": float((bs > thr).float().mean())}
+        tok = lm.tokenizer
+        detector = prompt_detector(steered, chat_prompts(tok, harmful), chat_prompts(tok, harmless),
+                                   n_features=gate_features)
+        val_h = [p.text for p in load_prompts("harmful_val", data_dir)]
+        val_b = [p.text for p in load_prompts("harmless_val", data_dir, limit=max(len(val_h), calib_n))]
+        hs = prompt_scores(steered, chat_prompts(tok, val_h), vector=detector)
+        bs = prompt_scores(steered, chat_prompts(tok, val_b), vector=detector)
+        thr = choose_threshold(hs, bs, max_fpr=gate_max_fpr)
+        info["gate"] = {"threshold": thr, "features": gate_features, "max_fpr": gate_max_fpr,
+                        "pool": "mean", "harmful_val": len(val_h), "harmless_val": len(val_b),
+                        "val_tpr": float((hs > thr).float().mean()), "val_fpr": float((bs > thr).float().mean())}
         for m in methods:
             if m.intervention.get("gate_threshold") == "auto":
                 m.intervention["gate_threshold"] = thr
+            if m.intervention.get("gate_vector") == "auto":
+                m.intervention["gate_vector"] = detector
     return info
 
 
@@ -438,7 +457,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: int = 100,
                hellaswag_limit: int = 200, max_new_tokens: int = 48,
                harm_sets: list[str] | None = None, cache_dir: str | Path | None = None,
-               calib_n: int = 64, perplexity: bool = True, command: str | None = None,
+               calib_n: int = 64, gate_max_fpr: float | None = 0.05, perplexity: bool = True,
+               command: str | None = None,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every method, write ``results.json``, ``results.md``, ``samples.json``, ``pareto.png``."""
     from lm_eval.tasks import TaskManager
@@ -451,7 +471,7 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
     sets = harm_sets or [*HARMFUL_SETS, *HARMLESS_SETS]
     harm_tasks = [{**HARMFUL_SETS, **HARMLESS_SETS}[s] for s in sets]
     tm = TaskManager(include_path=str(EVALS_DIR), include_defaults=False, metadata=metadata or {})
-    prepared = prepare(lm, methods, calib_n=calib_n)
+    prepared = prepare(lm, methods, calib_n=calib_n, gate_max_fpr=gate_max_fpr)
     from steerplug.judge import get_judge
 
     judge = type(get_judge()).__name__
@@ -501,10 +521,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strengths", type=_floats, default=[0.1, 0.25, 0.5],
                    help="gradient-steering lr values, comma-separated")
     p.add_argument("--caa-scales", type=_floats, default=[1.0], help="CAA multipliers, comma-separated")
-    p.add_argument("--conditional-lr", type=float, default=None)
+    p.add_argument("--conditional-lr", type=_floats, default=None,
+                   help="lr values of the gated gradient steering, comma-separated (default: the largest strength)")
+    p.add_argument("--gated-caa-scales", type=_floats, default=None,
+                   help="gated CAA multipliers, comma-separated (default: the CAA scales)")
+    p.add_argument("--gate-max-fpr", type=float, default=0.05,
+                   help="the gate's false-positive budget on harmless_val (its threshold is chosen there)")
     p.add_argument("--methods", default=None,
                    help="comma-separated families to keep (unsteered is always kept): "
-                        "system_prompt,caa,clamp,steerplug,conditional")
+                        "system_prompt,caa,clamp,steerplug,conditional,caa_gated")
     p.add_argument("--sets", default=None, help="comma-separated prompt sets "
                    f"(default: {','.join([*HARMFUL_SETS, *HARMLESS_SETS])})")
     p.add_argument("--calib-n", type=int, default=64, help="train prompts per side for CAA and the gate")
@@ -531,7 +556,8 @@ def run(args: argparse.Namespace) -> int:
     lm = SteerplugLM(pretrained=args.model, sae=args.sae, sae_subfolder=args.sae_subfolder,
                      vector=args.vector, vector_subfolder=args.vector_subfolder, layer=args.layer,
                      steps=0, **kw)
-    methods = default_methods(args.strengths, args.steps, args.caa_scales, args.conditional_lr)
+    methods = default_methods(args.strengths, args.steps, args.caa_scales, args.conditional_lr,
+                              args.gated_caa_scales)
     if not lm.steered.can_steer:
         print("No SAE / steering vector for this model: only the unsteered and system-prompt rows.")
         methods = [m for m in methods if m.family in ("unsteered", "system_prompt")]
@@ -542,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
                      hellaswag_limit=args.hellaswag_limit if args.hellaswag_limit is not None
                      else 2 * args.limit, max_new_tokens=args.max_new_tokens,
                      harm_sets=args.sets.split(",") if args.sets else None,
-                     cache_dir=args.cache_dir, calib_n=args.calib_n,
+                     cache_dir=args.cache_dir, calib_n=args.calib_n, gate_max_fpr=args.gate_max_fpr,
                      perplexity=not args.no_perplexity,
                      command="steerplug " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "results.md").read_text())

@@ -8,8 +8,9 @@ from conftest import make_byte_tokenizer, make_tiny_model
 from steerplug import SparseAutoencoder, SteeredModel, SteeringVector
 from steerplug.hooks import CallState
 from steerplug.steering import SteeringConfig
-from steerplug.interventions import (Intervention, difference_of_means, intervene,
-                                     last_token_activations, prompt_scores)
+from steerplug.interventions import (Intervention, choose_threshold, difference_of_means, intervene,
+                                     last_token_activations, pool_prompt_scores, prompt_detector,
+                                     prompt_scores)
 
 
 def _steered():
@@ -76,3 +77,37 @@ def test_prompt_scores_match_the_objective():
     s = _steered()
     scores = prompt_scores(s, ["abc", "a longer prompt here"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_pooled_prompt_scores_leave_out_each_rows_first_real_token():
+    scores = torch.tensor([[0.0, 1e6, 1.0, 3.0],    # left-padded: the sink is at column 1
+                           [1e6, 2.0, 2.0, 5.0]])   # no padding: the sink is at column 0
+    keep = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    assert pool_prompt_scores(scores, keep, "mean").tolist() == [2.0, 3.0]
+    assert pool_prompt_scores(scores, keep, "max").tolist() == [3.0, 5.0]
+    only_sink = pool_prompt_scores(scores[:1], torch.tensor([[False, True, False, False]]), "mean")
+    assert only_sink.item() == 1e6  # a one-token prompt: nothing else to score
+
+
+def test_gate_with_a_detector_edits_exactly_the_rows_it_scores_above_threshold():
+    s = _steered()
+    texts = ["abcdefgh", "zyxwvuts"]
+    det = prompt_detector(s, [texts[0]] * 2, [texts[1]] * 2, n_features=8)
+    assert det.nnz == 8
+    scores = prompt_scores(s, texts, vector=det)
+    assert scores[0] > scores[1]
+    thr = float(scores.mean())
+    ids = s.tokenizer(texts, return_tensors="pt")["input_ids"]
+    spec = Intervention(kind="add", add_vector=torch.ones(64), gate_threshold=thr, gate_vector=det)
+    before, after, _ = _before_after(s, spec, ids)
+    assert torch.allclose(after[0] - before[0], torch.ones_like(before[0]), atol=1e-5)
+    assert torch.equal(after[1], before[1])
+
+
+def test_choose_threshold_respects_a_false_positive_budget():
+    harmful = torch.tensor([0.5, 0.625, 0.875, 1.0])
+    harmless = torch.tensor([0.0, 0.125, 0.25, 0.75])
+    thr = choose_threshold(harmful, harmless, max_fpr=0.0)
+    assert thr == 0.75 and float((harmless > thr).float().mean()) == 0.0
+    thr = choose_threshold(harmful, harmless, max_fpr=0.25)
+    assert thr == 0.25

@@ -41,8 +41,9 @@ def test_default_methods_cover_the_sweep():
 
 
 def test_report_runs_caches_and_writes(lm, tmp_path):
-    methods = [m for m in default_methods([0.5], steps=2)
-               if m.family in ("unsteered", "system_prompt", "caa", "clamp", "steerplug", "conditional")]
+    methods = default_methods([0.5], steps=2)
+    assert {m.family for m in methods} == {"unsteered", "system_prompt", "caa", "clamp", "steerplug",
+                                           "conditional", "caa_gated"}
     kw = dict(limit=2, hellaswag_limit=2, max_new_tokens=3, harm_sets=["jbb_harmful", "jbb_benign"],
               calib_n=4, cache_dir=tmp_path / "cache")
     out = run_report(lm, methods, tmp_path / "r1", **kw)
@@ -60,6 +61,8 @@ def test_report_runs_caches_and_writes(lm, tmp_path):
     saved = json.loads((tmp_path / "r1" / "results.json").read_text())
     assert saved["meta"]["n"]["steerplug_jbb_benign"] == 2
     assert "gate" in saved["meta"]["prepared"] and "caa_vector_norm" in saved["meta"]["prepared"]
+    gate = saved["meta"]["prepared"]["gate"]
+    assert gate["max_fpr"] == 0.05 and gate["val_fpr"] <= 0.05 and gate["features"] == 32
     md = (tmp_path / "r1" / "results.md").read_text()
     assert "| unsteered |" in md and "n=2" in md
     # Second run: every configuration comes from its cache file, with the same numbers.
