@@ -2,9 +2,10 @@
 
 Steps (each resumes / is skipped when its output already exists in ``--work``):
 
-1. collect  — layer-15 resid_post activations of HH-RLHF dialogues (chat template, given answers),
-   of ``harmful_train`` / ``harmless_train`` questions (with greedy model answers if ``--generate``),
-   and of other HH-RLHF dialogues as plain text;
+1. collect  — layer-15 resid_post activations (bfloat16) of all HH-RLHF harmless-base dialogues
+   (chat template, given answers), of ``harmful_train`` / ``harmless_train`` questions with the
+   model's greedy answers, and, as generic text, of WikiText-2 test's training part (the articles
+   after the first quarter, which evaluation never reads) and HH-RLHF dialogues as plain text;
 2. train    — TopK SAE (AuxK), 3072 latents, k=32, on those activations (5% of sequences held out);
 3. evaluate — WikiText-2 test, held-out chat, CE recovered, HellaSwag, probes;
 4. features — force-prefixed compliant vs refusing answers to ``harmful_train`` questions, the
@@ -34,15 +35,17 @@ class ArtifactsConfig:
 
     hook: str = "blocks.15.hook_resid_post"
     """Where the SAE reads."""
-    hh_rlhf: int = 500
-    """HH-RLHF harmless-base dialogues (answers given)."""
-    hh_rlhf_text: int = 400
-    """More HH-RLHF dialogues as plain text (no chat template): generic text for the SAE."""
-    per_prompt_set: int = 128
-    """harmful_train and harmless_train questions each."""
-    generate: bool = False
-    """Answer those questions greedily (slow on a shared 2-core CPU); else the prompts only."""
-    max_new_tokens: int = 48
+    hh_rlhf: int = 2312
+    """HH-RLHF harmless-base dialogues (answers given, chat template); 2312 is all of them."""
+    hh_rlhf_text: int = 1200
+    """HH-RLHF dialogues as plain text (no chat template): generic text for the SAE."""
+    wikitext_chunks: int = 100_000
+    """Chunks of about 128 tokens of WikiText-2 test's training part (all of it by default)."""
+    per_prompt_set: int = 640
+    """harmful_train and harmless_train questions each (harmful_train has fewer: all of it)."""
+    generate: bool = True
+    """Answer those questions greedily, so the SAE sees the model's own answers; else prompts only."""
+    max_new_tokens: int = 64
     """Length of the generated training answers (with ``generate``)."""
     d_sae: int = 3072
     """SAE width (16/3 x 576)."""
@@ -50,17 +53,17 @@ class ArtifactsConfig:
     """Active latents per token."""
     lr: float = 1e-3
     """Adam learning rate."""
-    total_tokens: int = 600_000
-    """Training tokens (epochs over the collected activations)."""
+    total_tokens: int = 4_000_000
+    """Training tokens (about 5 epochs over the collected activations)."""
     holdout_every: int = 20
     """Sequences with seq_id % N == 0 are held out from training (scored by evaluate)."""
-    hellaswag_items: int = 60
+    hellaswag_items: int = 500
     """HellaSwag items for the spliced-vs-clean comparison."""
-    wikitext_sequences: int = 48
-    """WikiText-2 test chunks of 128 tokens for reconstruction and CE."""
-    probe_prompts: int = 100
+    wikitext_sequences: int = 128
+    """Chunks of 128 tokens of WikiText-2 test's evaluation part for reconstruction and CE."""
+    probe_prompts: int = 256
     """Prompts per class, train and test, for the harmful/harmless probe."""
-    feature_prompts: int = 48
+    feature_prompts: int = 96
     """harmful_train questions answered twice (compliant / refusal) for the feature ranking."""
     feature_new_tokens: int = 24
     """Tokens generated after each forced prefix."""
@@ -91,18 +94,21 @@ def build_default_artifacts(work: str | Path = "runs/default",
     """Run the five steps; returns the artifacts folder."""
     cfg = cfg or ArtifactsConfig()
     work, out = Path(work), Path(out)
-    acts, sae_dir, eval_dir, feat_dir = (work / "acts_train", work / "sae", work / "eval", work / "features")
+    acts, sae_dir, eval_dir, feat_dir = (work / "acts_chat", work / "sae", work / "eval", work / "features")
     acts_text = work / "acts_text"
     if not _complete(acts):
         _sh(["collect", "--out", str(acts), "--hooks", cfg.hook, "--prompt-sets", "harmful_train",
              "harmless_train", "--limit-per-set", str(cfg.per_prompt_set), "--hh-rlhf", str(cfg.hh_rlhf),
-             "--max-new-tokens", str(cfg.max_new_tokens), "--max-length", "256", "--seed", str(cfg.seed)]
+             "--max-new-tokens", str(cfg.max_new_tokens), "--max-length", "320", "--batch-size", "16",
+             "--dtype", "bfloat16", "--seed", str(cfg.seed)]
             + ([] if cfg.generate else ["--no-generate"]))
-    if cfg.hh_rlhf_text and not _complete(acts_text):
-        _sh(["collect", "--out", str(acts_text), "--hooks", cfg.hook, "--prompt-sets", "--hh-rlhf-text",
-             str(cfg.hh_rlhf_text), "--max-length", "256", "--batch-size", "16", "--seed", str(cfg.seed)])
+    text = cfg.hh_rlhf_text or cfg.wikitext_chunks
+    if text and not _complete(acts_text):
+        _sh(["collect", "--out", str(acts_text), "--hooks", cfg.hook, "--prompt-sets", "--wikitext-chunks",
+             str(cfg.wikitext_chunks), "--hh-rlhf-text", str(cfg.hh_rlhf_text), "--max-length", "256",
+             "--batch-size", "16", "--dtype", "bfloat16", "--seed", str(cfg.seed)])
     if not (sae_dir / "cfg.json").is_file():
-        folders = [str(acts)] + ([str(acts_text)] if cfg.hh_rlhf_text else [])
+        folders = [str(acts)] + ([str(acts_text)] if text else [])
         _sh(["train", "--acts", *folders, "--out", str(sae_dir), "--d-sae", str(cfg.d_sae), "--k", str(cfg.k),
              "--lr", str(cfg.lr), "--total-tokens", str(cfg.total_tokens), "--holdout-every",
              str(cfg.holdout_every), "--seed", str(cfg.seed)])
@@ -148,6 +154,8 @@ def _fmt(report: dict[str, Any]) -> str:
 
 
 def sae_card(report: dict[str, Any], sae_cfg: dict[str, Any], cfg: ArtifactsConfig) -> str:
+    answers = (f"with the model's greedy answers of up to {cfg.max_new_tokens} tokens" if cfg.generate
+               else "prompts only")
     w = report["wikitext2_test"]
     tr = sae_cfg["metadata"].get("training", {})
     rows = [("L0 (WikiText-2 test)", f"{w['l0']:.1f}", "<= 64"),
@@ -176,10 +184,12 @@ base_model: {DEFAULT_MODEL_ID}
 A TopK sparse autoencoder (Gao et al. 2024, with the AuxK loss) with {sae_cfg['d_sae']} latents
 ({sae_cfg['d_sae'] / sae_cfg['d_in']:.2f} x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
 `steerplug build-default-artifacts` on {tr.get('n_rows', '?')} activation rows (position 0 dropped)
-of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (chat template, given answers), {cfg.hh_rlhf_text} more
-HH-RLHF dialogues as plain text (no template), and of
-{cfg.per_prompt_set} `harmful_train` + {cfg.per_prompt_set} `harmless_train` questions
-({'with greedy model answers' if cfg.generate else 'prompts only'}), for {cfg.total_tokens} tokens;
+of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (chat template, given answers), of `harmful_train` and
+up to {cfg.per_prompt_set} `harmless_train` questions
+({answers}),
+and of generic text: WikiText-2 test's training part (the articles after its first quarter; the
+evaluation below reads only the first quarter) and {cfg.hh_rlhf_text} HH-RLHF dialogues as plain
+text (no template); {cfg.total_tokens} training tokens;
 every {cfg.holdout_every}th sequence was held out for evaluation. The input normalisation is folded into the weights:
 the SAE reads raw residual activations (`normalize_activations: none`).
 
@@ -246,16 +256,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--total-tokens", type=int, default=d.total_tokens)
     p.add_argument("--hh-rlhf", type=int, default=d.hh_rlhf)
     p.add_argument("--hh-rlhf-text", type=int, default=d.hh_rlhf_text)
+    p.add_argument("--wikitext-chunks", type=int, default=d.wikitext_chunks)
     p.add_argument("--per-prompt-set", type=int, default=d.per_prompt_set)
     p.add_argument("--hellaswag-items", type=int, default=d.hellaswag_items)
-    p.add_argument("--generate", action="store_true", help="train also on model-generated answers (slow)")
+    p.add_argument("--no-generate", action="store_true", help="prompts only, without the model's answers (faster)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ArtifactsConfig(hook=args.hook, d_sae=args.d_sae, k=args.k, lr=args.lr, total_tokens=args.total_tokens,
-                          hh_rlhf=args.hh_rlhf, hh_rlhf_text=args.hh_rlhf_text, per_prompt_set=args.per_prompt_set,
-                          hellaswag_items=args.hellaswag_items, generate=args.generate, seed=args.seed)
+                          hh_rlhf=args.hh_rlhf, hh_rlhf_text=args.hh_rlhf_text, wikitext_chunks=args.wikitext_chunks,
+                          per_prompt_set=args.per_prompt_set, hellaswag_items=args.hellaswag_items,
+                          generate=not args.no_generate, seed=args.seed)
     out = build_default_artifacts(args.work, args.out, cfg)
     print(f"artifacts in {out}")
     return 0
