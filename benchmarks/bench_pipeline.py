@@ -180,7 +180,10 @@ def main() -> None:
     c.add_argument("--rounds", type=int, default=4)
     for q in (t, c):
         q.add_argument("--json", default=None, help="write the results here")
+        q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = bench_train(args) if args.what == "train" else bench_collect(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ decay, and track how many tokens ago each latent last fired (dead latents).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -102,10 +103,20 @@ class StepStats(NamedTuple):
 
 
 # --- fast TopK autograd pieces -------------------------------------------------------------------
+def _rows_by_latent(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """The ``(F, B)`` sparse matrix with ``vals[b, j]`` at ``(idx[b, j], b)``: the transpose of the
+    scattered ``(B, F)`` top-k matrix, for weight gradients at ``B k D`` instead of ``B F D`` cost."""
+    B, k = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(k)  # (B k,)
+    return torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (n_latents, B),
+                                   check_invariants=False)
+
+
 class _TopKEncode(torch.autograd.Function):
     """``relu(topk((x - b_dec) @ W + b))`` returning the k values, their indices and the dense
-    pre-activations. Backward: dense GEMMs over the scattered (B, F) gradient (faster on CPU than
-    per-token ``index_add``); ``x`` gets no gradient, ``b_dec`` gets its reduced one directly."""
+    pre-activations. Backward: the encoder's weight gradient is a sparse (k per token) times dense
+    product, ``B k D`` instead of the dense ``B F D`` GEMM; ``x`` gets no gradient, ``b_dec`` gets
+    its reduced one directly. A gradient on the dense ``pre`` (the AuxK path) adds one dense GEMM."""
 
     @staticmethod
     def forward(ctx, x, W, b, b_dec, k: int):  # x (B, D), W (D, F), b (F,), b_dec (D,)
@@ -121,19 +132,26 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_acts, g_idx, g_pre):
         xc, W, idx, acts = ctx.saved_tensors
-        G = torch.zeros(xc.shape[0], W.shape[1], dtype=xc.dtype, device=xc.device)  # (B, F)
+        F_ = W.shape[1]
+        grad_W = torch.zeros_like(W) if ctx.needs_input_grad[1] else None  # (D, F)
+        g_sum = torch.zeros(F_, dtype=W.dtype, device=W.device)  # (F,)
         if g_acts is not None:
-            G.scatter_(1, idx, g_acts * (acts > 0))
+            g = g_acts * (acts > 0)  # (B, k)
+            g_sum.index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if grad_W is not None:
+                grad_W += torch.sparse.mm(_rows_by_latent(idx, g, F_), xc).T  # (F, D) -> (D, F)
         if g_pre is not None:  # the AuxK path reads the dense pre-activations
-            G += g_pre
-        g_sum = G.sum(0)  # (F,)
-        grad_W = xc.T @ G if ctx.needs_input_grad[1] else None  # (D, F)
+            g_sum += g_pre.sum(0)
+            if grad_W is not None:
+                grad_W += xc.T @ g_pre
         grad_bdec = -(W @ g_sum) if ctx.needs_input_grad[3] else None  # (D,)
         return None, grad_W, g_sum, grad_bdec, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``sum_j acts[:, j] * W_dec[idx[:, j]]`` by ``embedding_bag``; weight gradient by dense GEMM."""
+    """``sum_j acts[:, j] * W_dec[idx[:, j]]`` by ``embedding_bag``. Backward at ``B k D`` cost:
+    the gradient of the k values is a sampled matmul (only the ``(b, idx[b, j])`` entries of
+    ``g_out @ W_dec.T``), the weight gradient a sparse times dense product."""
 
     @staticmethod
     def forward(ctx, idx, acts, W_dec):  # idx, acts (B, k), W_dec (F, D)
@@ -143,10 +161,15 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # g_out (B, D)
         idx, acts, W_dec = ctx.saved_tensors
-        g_acts = (g_out @ W_dec.T).gather(1, idx)  # (B, k); one GEMM beats gathering (B, k, D) rows
-        A = torch.zeros(acts.shape[0], W_dec.shape[0], dtype=acts.dtype, device=acts.device)
-        A.scatter_(1, idx, acts)  # (B, F)
-        return None, g_acts, A.T @ g_out  # grad W_dec (F, D)
+        B, k = idx.shape
+        crow = torch.arange(0, B * k + 1, k, device=idx.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
+            warnings.simplefilter("ignore", UserWarning)
+            sample = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=g_out.dtype,
+                                             device=g_out.device), (B, W_dec.shape[0]), check_invariants=False)
+        g_acts = torch.sparse.sampled_addmm(sample, g_out, W_dec.T).values().reshape(B, k)  # (B, k)
+        grad_W = torch.sparse.mm(_rows_by_latent(idx, acts, W_dec.shape[0]), g_out)  # (F, D)
+        return None, g_acts, grad_W
 
 
 def sparse_decode(idx: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
