@@ -270,6 +270,35 @@ def difference_of_means(model: nn.Module, tokenizer: Any, point: HookPoint, harm
 
 
 @torch.no_grad()
+def prefix_direction(model: nn.Module, tokenizer: Any, point: HookPoint, prompts: Sequence[str],
+                     refuse_prefix: str, comply_prefix: str) -> torch.Tensor:
+    """``(D,)``: the mean activation at ``point`` over the last prompt position and the answer prefix
+    tokens when the answer is forced to start with ``refuse_prefix``, minus the same with
+    ``comply_prefix`` (``prompts`` chat-formatted). Adding it pushes towards starting a refusal."""
+    device = module_device(model)
+
+    def mean_over_prefix(prefix: str) -> torch.Tensor:
+        n = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        captured: list[torch.Tensor] = []
+        if point.io == "output":
+            handle = point.module.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
+        else:
+            handle = point.module.register_forward_pre_hook(
+                lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+        try:
+            rows = []
+            for text in chat_prompts(tokenizer, prompts):
+                ids = tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                model(input_ids=ids.to(device))
+                rows.append(captured.pop()[0, -n - 1:].float().mean(0).cpu())  # (D,)
+        finally:
+            handle.remove()
+        return torch.stack(rows).mean(0)
+
+    return mean_over_prefix(refuse_prefix) - mean_over_prefix(comply_prefix)
+
+
+@torch.no_grad()
 def prompt_scores(steered: SteeredModel, texts: Sequence[str], vector: SteeringVector | None = None,
                     pool: str = "mean", batch_size: int = 16) -> torch.Tensor:
     """``(N,)``: each text's ``encode(h_t) . w`` pooled over its tokens but the first, as the gate

@@ -4,9 +4,11 @@ One command evaluates, on the same model and the same prompts:
 
 * ``unsteered``;
 * ``system prompt``: a safety system prompt, no steering;
-* ``CAA x<s>``: contrastive activation addition, ``h + s * (mean_harmful - mean_harmless)`` at
-  every position (means of the last prompt token at the SAE's layer over ``harmful_train`` /
-  ``harmless_train``);
+* ``CAA x<s>``: contrastive activation addition, ``h + s * v`` at every position. ``v`` (``--caa-source``):
+  ``prefix`` (default), the mean activation at the SAE's layer over the answer's first tokens when
+  ``harmful_train`` answers are forced to start with "I can't help with that." minus the same with
+  "Sure, here is"; or ``prompts``, the mean last-prompt-token activation of ``harmful_train`` minus
+  that of ``harmless_train``;
 * ``clamp``: SAE feature clamping (the steering vector's harmful features set to 0 at every position);
 * ``steerplug lr=<x>``: gradient steering at several strengths;
 * ``conditional lr=<x>``: gradient steering only on prompts whose harmful features fire: a gate
@@ -76,7 +78,7 @@ class Method:
 
 def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[float] | None = None,
                     conditional_lr: float | list[float] | None = None,
-                    gated_caa_scales: list[float] | None = None) -> list[Method]:
+                    gated_caa_scales: list[float] | None = None, push_inactive: bool = False) -> list[Method]:
     """The sweep of the module docstring."""
     caa_scales = caa_scales if caa_scales is not None else [1.0]
     gated_caa_scales = gated_caa_scales if gated_caa_scales is not None else caa_scales
@@ -90,8 +92,10 @@ def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[flo
     if strengths:
         lrs = (conditional_lr if isinstance(conditional_lr, list)
                else [conditional_lr] if conditional_lr is not None else [max(strengths)])
-        methods += [Method(f"conditional lr={lr:g}", "conditional", {"steps": steps, "lr": lr},
-                           {"gate_threshold": "auto", "gate_vector": "auto"}) for lr in lrs]
+        push = {"push_inactive": True} if push_inactive else {}
+        methods += [Method(f"conditional lr={lr:g}" + (" push" if push_inactive else ""), "conditional",
+                           {"steps": steps, "lr": lr, **push}, {"gate_threshold": "auto", "gate_vector": "auto"})
+                    for lr in lrs]
     methods += [Method(f"gated CAA x{s:g}", "caa_gated", {"steps": 1, "positions": "all"},
                        {"kind": "add", "add_vector": "auto", "add_scale": s, "gate_threshold": "auto",
                         "gate_vector": "auto"}) for s in gated_caa_scales]
@@ -100,14 +104,19 @@ def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[flo
 
 # --- ingredients ------------------------------------------------------------------------------
 def prepare(lm: Any, methods: list[Method], calib_n: int = 64, data_dir: str | None = None,
-            gate_max_fpr: float | None = 0.05, gate_features: int = 32) -> dict[str, Any]:
+            gate_max_fpr: float | None = 0.05, gate_features: int = 32, caa_source: str = "prefix"
+            ) -> dict[str, Any]:
     """Compute the ``"auto"`` ingredients: the CAA direction and the gate's detector on
     ``harmful_train`` / ``harmless_train`` (``calib_n`` each), the gate's threshold on
     ``harmful_val`` / ``harmless_val`` (all of ``harmful_val``, as many ``harmless_val``).
     Returns what was computed (for the report)."""
     from steerplug.data import load_prompts
     from steerplug.interventions import (chat_prompts, choose_threshold, difference_of_means,
-                                         prompt_detector, prompt_scores)
+                                         prefix_direction, prompt_detector, prompt_scores)
+    from steerplug.pipeline.examples import COMPLY_PREFIX, REFUSE_PREFIX
+
+    if caa_source not in ("prefix", "prompts"):
+        raise ValueError(f"caa_source={caa_source!r}: expected 'prefix' or 'prompts'.")
 
     need_vec = any(m.intervention.get("add_vector") == "auto" for m in methods)
     need_gate = any(m.intervention.get("gate_threshold") == "auto" for m in methods)
@@ -121,8 +130,13 @@ def prepare(lm: Any, methods: list[Method], calib_n: int = 64, data_dir: str | N
     if need_vec:
         if steered.hook_point is None:
             raise ValueError("CAA needs a hook point: give an SAE or layer=.")
-        vec = difference_of_means(steered.model, lm.tokenizer, steered.hook_point, harmful, harmless)
+        if caa_source == "prefix":
+            vec = prefix_direction(steered.model, lm.tokenizer, steered.hook_point, harmful,
+                                   REFUSE_PREFIX, COMPLY_PREFIX)
+        else:
+            vec = difference_of_means(steered.model, lm.tokenizer, steered.hook_point, harmful, harmless)
         info["caa_vector_norm"] = float(vec.norm())
+        info["caa_source"] = caa_source
         for m in methods:
             if m.intervention.get("add_vector") == "auto":
                 m.intervention["add_vector"] = vec
@@ -457,7 +471,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: int = 100,
                hellaswag_limit: int = 200, max_new_tokens: int = 48,
                harm_sets: list[str] | None = None, cache_dir: str | Path | None = None,
-               calib_n: int = 64, gate_max_fpr: float | None = 0.05, perplexity: bool = True,
+               calib_n: int = 64, gate_max_fpr: float | None = 0.05, caa_source: str = "prefix",
+               perplexity: bool = True,
                command: str | None = None,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every method, write ``results.json``, ``results.md``, ``samples.json``, ``pareto.png``."""
@@ -471,7 +486,7 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
     sets = harm_sets or [*HARMFUL_SETS, *HARMLESS_SETS]
     harm_tasks = [{**HARMFUL_SETS, **HARMLESS_SETS}[s] for s in sets]
     tm = TaskManager(include_path=str(EVALS_DIR), include_defaults=False, metadata=metadata or {})
-    prepared = prepare(lm, methods, calib_n=calib_n, gate_max_fpr=gate_max_fpr)
+    prepared = prepare(lm, methods, calib_n=calib_n, gate_max_fpr=gate_max_fpr, caa_source=caa_source)
     from steerplug.judge import get_judge
 
     judge = type(get_judge()).__name__
@@ -525,6 +540,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lr values of the gated gradient steering, comma-separated (default: the largest strength)")
     p.add_argument("--gated-caa-scales", type=_floats, default=None,
                    help="gated CAA multipliers, comma-separated (default: the CAA scales)")
+    p.add_argument("--caa-source", default="prefix", choices=("prefix", "prompts"),
+                   help="the CAA direction: forced refusal minus forced compliance prefixes, or harmful minus harmless prompts")
+    p.add_argument("--push-inactive", action="store_true",
+                   help="the conditional rows also push up safe features that are off (SteeringConfig.push_inactive)")
     p.add_argument("--gate-max-fpr", type=float, default=0.05,
                    help="the gate's false-positive budget on harmless_val (its threshold is chosen there)")
     p.add_argument("--methods", default=None,
@@ -557,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
                      vector=args.vector, vector_subfolder=args.vector_subfolder, layer=args.layer,
                      steps=0, **kw)
     methods = default_methods(args.strengths, args.steps, args.caa_scales, args.conditional_lr,
-                              args.gated_caa_scales)
+                              args.gated_caa_scales, push_inactive=args.push_inactive)
     if not lm.steered.can_steer:
         print("No SAE / steering vector for this model: only the unsteered and system-prompt rows.")
         methods = [m for m in methods if m.family in ("unsteered", "system_prompt")]
@@ -569,6 +588,7 @@ def run(args: argparse.Namespace) -> int:
                      else 2 * args.limit, max_new_tokens=args.max_new_tokens,
                      harm_sets=args.sets.split(",") if args.sets else None,
                      cache_dir=args.cache_dir, calib_n=args.calib_n, gate_max_fpr=args.gate_max_fpr,
+                     caa_source=args.caa_source,
                      perplexity=not args.no_perplexity,
                      command="steerplug " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "results.md").read_text())

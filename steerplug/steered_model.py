@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import warnings
@@ -164,10 +165,11 @@ class SteeredModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _grad_fn_for(self, device: torch.device):
+    def _grad_fn_for(self, device: torch.device, push_inactive: bool = False):
         """The gradient function on ``device``, built once (the SAE maths runs in float32 there)."""
         if self.objective is None:
-            return self.feature_objective(device).grad
+            grad = self.feature_objective(device).grad
+            return functools.partial(grad, push_inactive=True) if push_inactive else grad
         fn = self._grad_fns.get(device)
         if fn is None:
             sae = self.sae
@@ -177,6 +179,11 @@ class SteeredModel:
             fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
             self._grad_fns[device] = fn
         return fn
+
+    def _grad_fn_for_config(self, config: SteeringConfig):
+        if not config.push_inactive:
+            return self._grad_fn_for
+        return lambda device: self._grad_fn_for(device, push_inactive=True)
 
     def feature_objective(self, device: torch.device | str | None = None) -> FeatureObjective:
         """The ``encode(h) . w`` objective on ``device`` (default: the hooked layer's), built once
@@ -201,7 +208,7 @@ class SteeredModel:
         ``with``; prefer :meth:`steering`). ``state`` carries positions and per-row settings."""
         config = self._resolve_config(dict(overrides))
         state = state or CallState()
-        steer = make_steer_fn(self._grad_fn_for, config, state, self.hook_point.name)
+        steer = make_steer_fn(self._grad_fn_for_config(config), config, state, self.hook_point.name)
         return install_hooks(self.model, self.hook_point, steer, state)
 
     @contextmanager
@@ -213,7 +220,7 @@ class SteeredModel:
         if not self._active(config):
             yield state
             return
-        steer = make_steer_fn(self._grad_fn_for, config, state, self.hook_point.name)
+        steer = make_steer_fn(self._grad_fn_for_config(config), config, state, self.hook_point.name)
         with hooks_installed(self.model, self.hook_point, steer, state):
             yield state
 

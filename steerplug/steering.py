@@ -54,6 +54,11 @@ class SteeringConfig:
     generated one); ``prompt``: the prompt only; ``all``: every position."""
     check_finite: bool = True
     """Raise :class:`SteeringError` if a steered activation is NaN or inf."""
+    push_inactive: bool = False
+    """Also push up the safe features (``w < 0``) that are off. Their exact gradient is zero, so by
+    default steering can only strengthen a safe feature that already fires; with this, their
+    gradient is taken through the pre-activation (straight-through), so steering can switch one
+    on. Harmful features (``w > 0``) still count only where they fire. Best behind a gate."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -121,9 +126,12 @@ class FeatureObjective:
         pre, active = self._pre_and_active(h)
         return (pre * active) @ self.w
 
-    def grad(self, h: torch.Tensor) -> torch.Tensor:
-        """Closed-form ``dL/dh``, ``(N, D) -> (N, D)``."""
+    def grad(self, h: torch.Tensor, push_inactive: bool = False) -> torch.Tensor:
+        """Closed-form ``dL/dh``, ``(N, D) -> (N, D)``. ``push_inactive``: safe features (``w < 0``)
+        count as active whatever their value (see :attr:`SteeringConfig.push_inactive`)."""
         _, active = self._pre_and_active(h)
+        if push_inactive:
+            active = active | (self.w < 0)
         return (active * self.w) @ self.W_T
 
 

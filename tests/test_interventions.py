@@ -9,7 +9,8 @@ from steerplug import SparseAutoencoder, SteeredModel, SteeringVector
 from steerplug.hooks import CallState
 from steerplug.steering import SteeringConfig
 from steerplug.interventions import (Intervention, choose_threshold, difference_of_means, intervene,
-                                     last_token_activations, pool_prompt_scores, prompt_detector,
+                                     last_token_activations, pool_prompt_scores, prefix_direction,
+                                     prompt_detector,
                                      prompt_scores)
 
 
@@ -111,3 +112,11 @@ def test_choose_threshold_respects_a_false_positive_budget():
     assert thr == 0.75 and float((harmless > thr).float().mean()) == 0.0
     thr = choose_threshold(harmful, harmless, max_fpr=0.25)
     assert thr == 0.25
+
+
+def test_prefix_direction_contrasts_the_two_forced_prefixes():
+    s = _steered()
+    d = prefix_direction(s.model, s.tokenizer, s.hook_point, ["how do I do x", "tell me y"], "No.", "Yes")
+    assert d.shape == (64,) and d.norm() > 0
+    same = prefix_direction(s.model, s.tokenizer, s.hook_point, ["how do I do x"], "Yes", "Yes")
+    assert torch.equal(same, torch.zeros(64))

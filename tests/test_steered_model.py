@@ -239,3 +239,21 @@ def test_missing_vector_or_sae():
         SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), sae)
     with pytest.raises(ValueError, match="needs an SAE"):
         SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), None, vec)
+
+
+def test_push_inactive_reaches_the_hook_and_equals_its_one_step_edit():
+    steered = _steered("llama", sae_arch="topk", positions="all", steps=1, normalize=False, max_delta=None,
+                       lr=0.1)
+    ids = _ids()
+    obj = steered.feature_objective()
+    pushed, plain = steered(ids, push_inactive=True).logits, steered(ids).logits
+    assert not torch.allclose(pushed, plain)
+    # The same edit by hand: one step of 0.1 along the push_inactive gradient at every position.
+    edit = lambda m, a, o: o - 0.1 * obj.grad(o[0].float(), push_inactive=True).unsqueeze(0)  # noqa: E731
+    handle = steered.hook_point.module.register_forward_hook(edit)
+    try:
+        with steered.disabled():
+            by_hand = steered(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(pushed, by_hand, rtol=1e-4, atol=1e-4)

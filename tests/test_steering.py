@@ -37,6 +37,24 @@ def test_closed_form_gradient_equals_autograd(arch, sparse):
     assert ref.abs().sum() > 0  # the comparison is not between two zero tensors
 
 
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk"])
+def test_push_inactive_takes_safe_features_through_their_pre_activation(arch):
+    """Harmful features (w > 0) count where they fire; safe ones (w < 0) always, straight-through."""
+    sae, vec = _sae(arch), _vector(sparse=True)
+    h = torch.randn(64, D, generator=torch.Generator().manual_seed(6))
+    w = vec.dense()
+    safe = w < 0
+
+    def surrogate(x):
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, F)
+        return sae.encode(x) @ (w * ~safe) + pre @ (w * safe)
+
+    obj = FeatureObjective(sae, vec)
+    pushed = obj.grad(h, push_inactive=True)
+    torch.testing.assert_close(pushed, autograd_grad(h, surrogate), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pushed, obj.grad(h))  # some safe feature was off somewhere
+
+
 def test_gradient_works_under_inference_mode():
     sae, vec = _sae("relu"), _vector(True)
     obj = FeatureObjective(sae, vec)

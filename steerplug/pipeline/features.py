@@ -310,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--n-positive", type=int, default=32)
     p.add_argument("--n-negative", type=int, default=32)
+    p.add_argument("--include-prefix", action="store_true",
+                   help="score the forced prefix tokens too (\"I can't help with that.\"), not only the continuation")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gen-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -324,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
     sae = SparseAutoencoder.from_pretrained(args.sae)
     cfg = FeatureConfig(n_prompts=args.n_prompts, prompt_set=args.prompt_set,
                         max_new_tokens=args.max_new_tokens, n_positive=args.n_positive,
-                        n_negative=args.n_negative, batch_size=args.batch_size,
+                        n_negative=args.n_negative, exclude_prefix=not args.include_prefix,
+                        batch_size=args.batch_size,
                         gen_batch_size=args.gen_batch_size, seed=args.seed)
     res = find_features(model, tok, sae, cfg, args.out, hook=args.hook, data=args.data_dir,
                         model_name=args.model or DEFAULT_MODEL_ID, sae_ref=str(args.sae))
