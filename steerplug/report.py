@@ -92,10 +92,10 @@ def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[flo
     if strengths:
         lrs = (conditional_lr if isinstance(conditional_lr, list)
                else [conditional_lr] if conditional_lr is not None else [max(strengths)])
-        push = {"push_inactive": True} if push_inactive else {}
-        methods += [Method(f"conditional lr={lr:g}" + (" push" if push_inactive else ""), "conditional",
-                           {"steps": steps, "lr": lr, **push}, {"gate_threshold": "auto", "gate_vector": "auto"})
-                    for lr in lrs]
+        for push in ([False, True] if push_inactive else [False]):
+            methods += [Method(f"conditional lr={lr:g}" + (" push" if push else ""), "conditional",
+                               {"steps": steps, "lr": lr, **({"push_inactive": True} if push else {})},
+                               {"gate_threshold": "auto", "gate_vector": "auto"}) for lr in lrs]
     methods += [Method(f"gated CAA x{s:g}", "caa_gated", {"steps": 1, "positions": "all"},
                        {"kind": "add", "add_vector": "auto", "add_scale": s, "gate_threshold": "auto",
                         "gate_vector": "auto"}) for s in gated_caa_scales]
@@ -543,7 +543,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caa-source", default="prefix", choices=("prefix", "prompts"),
                    help="the CAA direction: forced refusal minus forced compliance prefixes, or harmful minus harmless prompts")
     p.add_argument("--push-inactive", action="store_true",
-                   help="the conditional rows also push up safe features that are off (SteeringConfig.push_inactive)")
+                   help="add conditional rows that also push up safe features that are off (SteeringConfig.push_inactive)")
     p.add_argument("--gate-max-fpr", type=float, default=0.05,
                    help="the gate's false-positive budget on harmless_val (its threshold is chosen there)")
     p.add_argument("--methods", default=None,
