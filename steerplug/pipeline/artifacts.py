@@ -88,7 +88,7 @@ def _complete(folder: Path) -> bool:
     return man.is_file() and bool(json.loads(man.read_text()).get("complete"))
 
 
-def build_default_artifacts(work: str | Path = "runs/default",
+def build_default_artifacts(work: str | Path = "runs/v2",
                             out: str | Path = "hub_artifacts/SmolLM2-135M-Instruct",
                             cfg: ArtifactsConfig | None = None) -> Path:
     """Run the five steps; returns the artifacts folder."""
@@ -158,10 +158,11 @@ def sae_card(report: dict[str, Any], sae_cfg: dict[str, Any], cfg: ArtifactsConf
                else "prompts only")
     w = report["wikitext2_test"]
     tr = sae_cfg["metadata"].get("training", {})
-    rows = [("L0 (WikiText-2 test)", f"{w['l0']:.1f}", "<= 64"),
-            ("FVE (WikiText-2 test)", f"{w['fve']:.3f}", ">= 0.80"),
-            ("CE loss recovered (WikiText-2 test)", f"{w['ce_recovered']:.3f}", ">= 0.90"),
-            ("dead latents (WikiText-2 test)", f"{w['dead_fraction']:.2%}", "<= 5%")]
+    wt = "WikiText-2 test, first quarter"
+    rows = [(f"L0 ({wt})", f"{w['l0']:.1f}", "<= 64"),
+            (f"FVE ({wt})", f"{w['fve']:.3f}", ">= 0.80"),
+            (f"CE loss recovered ({wt})", f"{w['ce_recovered']:.3f}", ">= 0.90"),
+            (f"dead latents ({wt})", f"{w['dead_fraction']:.2%}", "<= 5%")]
     if "heldout_chat" in report:
         h = report["heldout_chat"]
         rows += [("FVE (held-out chat)", f"{h['fve']:.3f}", ""), ("L0 (held-out chat)", f"{h['l0']:.1f}", ""),
@@ -172,7 +173,8 @@ def sae_card(report: dict[str, Any], sae_cfg: dict[str, Any], cfg: ArtifactsConf
                      f"{hs['delta_points']:+.1f} points ({hs['acc_norm_sae']:.3f} vs {hs['acc_norm_clean']:.3f})",
                      "within 3 points"))
     for name, p in report.get("probes", {}).items():
-        rows.append((f"probe {name}: SAE vs raw", f"{p['acc_sae']:.3f} vs {p['acc_raw']:.3f}", "within 2 points"))
+        rows.append((f"probe {name}: SAE vs raw (test split)", f"{p['acc_sae']:.3f} vs {p['acc_raw']:.3f}",
+                     "within 2 points" if name == "harmful_vs_harmless" else ""))
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     return f"""---
 library_name: steerplug
@@ -211,7 +213,7 @@ Full numbers: `eval_report.json`; plots: `training_curves.png`, `feature_density
 ## Reproduce
 
 ```
-steerplug build-default-artifacts --work runs/default
+steerplug build-default-artifacts --work runs/v2
 ```
 """
 
@@ -240,14 +242,14 @@ Held-out AUROC of `mean features . w`, compliant vs refusal, on {feats['n_heldou
 
 All features with their top-activating contexts: `features_report.md`.
 
-Reproduce: `steerplug build-default-artifacts --work runs/default`.
+Reproduce: `steerplug build-default-artifacts --work runs/v2`.
 """
 
 
 # --- CLI ------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ArtifactsConfig()
-    p.add_argument("--work", default="runs/default", help="working folder (steps resume from it)")
+    p.add_argument("--work", default="runs/v2", help="working folder (steps resume from it)")
     p.add_argument("--out", default="hub_artifacts/SmolLM2-135M-Instruct")
     p.add_argument("--hook", default=d.hook)
     p.add_argument("--d-sae", type=int, default=d.d_sae)

@@ -478,7 +478,7 @@ def heldout_from_folder(folder: str | Path, every: int, hook: str | None = None)
 
 def format_summary(report: dict[str, Any]) -> str:
     w = report["wikitext2_test"]
-    lines = [f"WikiText-2 test ({w['n_tokens']} tokens): L0 {w['l0']:.1f}, FVE {w['fve']:.3f}, "
+    lines = [f"WikiText-2 test, first quarter ({w['n_tokens']} tokens): L0 {w['l0']:.1f}, FVE {w['fve']:.3f}, "
              f"dead {w['dead_fraction']:.3%}, dense {w['dense_fraction']:.3%}, CE clean {w['ce_clean']:.3f} / "
              f"SAE {w['ce_sae']:.3f} / zero {w['ce_zero']:.3f} -> recovered {w['ce_recovered']:.3f}"]
     if "heldout_chat" in report:
