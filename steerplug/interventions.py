@@ -224,36 +224,40 @@ def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = No
     return out
 
 
-@torch.no_grad()
-def last_token_activations(model: nn.Module, tokenizer: Any, point: HookPoint, texts: Sequence[str],
-                           batch_size: int = 16) -> torch.Tensor:
-    """``(N, D)`` float32 activations at ``point`` at each text's last token (right padding)."""
-    rows: list[torch.Tensor] = []
+def _hook_activations(model: nn.Module, tokenizer: Any, point: HookPoint, texts: Sequence[str],
+                      batch_size: int = 16, padding_side: str | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``texts`` in batches (no special tokens added) and yield each batch's activation at
+    ``point``, ``(B, T, D)``, with its attention mask ``(B, T)`` on the same device."""
     captured: list[torch.Tensor] = []
-
-    def grab(h: torch.Tensor) -> None:
-        captured.append(h)
-
     if point.io == "output":
-        handle = point.module.register_forward_hook(
-            lambda m, a, o: grab(hidden_of(o)))
+        handle = point.module.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
     else:
         handle = point.module.register_forward_pre_hook(
-            lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
+            lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
     side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side or side
     try:
         device = module_device(model)
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False)
             model(**{k: v.to(device) for k, v in enc.items()})
-            h = captured.pop()  # (B, T, D)
-            last = enc["attention_mask"].sum(1).to(h.device) - 1  # (B,)
-            rows.append(h[torch.arange(h.shape[0], device=h.device), last].float().cpu())  # (B, D)
+            h = captured.pop()
+            yield h, enc["attention_mask"].to(h.device)
     finally:
         handle.remove()
         tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def last_token_activations(model: nn.Module, tokenizer: Any, point: HookPoint, texts: Sequence[str],
+                           batch_size: int = 16) -> torch.Tensor:
+    """``(N, D)`` float32 activations at ``point`` at each text's last token (right padding)."""
+    rows: list[torch.Tensor] = []
+    for h, mask in _hook_activations(model, tokenizer, point, texts, batch_size, padding_side="right"):
+        last = mask.sum(1) - 1  # (B,)
+        rows.append(h[torch.arange(h.shape[0], device=h.device), last].float().cpu())  # (B, D)
     return torch.cat(rows)
 
 
@@ -275,24 +279,12 @@ def prefix_direction(model: nn.Module, tokenizer: Any, point: HookPoint, prompts
     """``(D,)``: the mean activation at ``point`` over the last prompt position and the answer prefix
     tokens when the answer is forced to start with ``refuse_prefix``, minus the same with
     ``comply_prefix`` (``prompts`` chat-formatted). Adding it pushes towards starting a refusal."""
-    device = module_device(model)
 
     def mean_over_prefix(prefix: str) -> torch.Tensor:
         n = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-        captured: list[torch.Tensor] = []
-        if point.io == "output":
-            handle = point.module.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
-        else:
-            handle = point.module.register_forward_pre_hook(
-                lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
-        try:
-            rows = []
-            for text in chat_prompts(tokenizer, prompts):
-                ids = tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
-                model(input_ids=ids.to(device))
-                rows.append(captured.pop()[0, -n - 1:].float().mean(0).cpu())  # (D,)
-        finally:
-            handle.remove()
+        texts = [t + prefix for t in chat_prompts(tokenizer, prompts)]
+        rows = [h[0, -n - 1:].float().mean(0).cpu()  # (D,)
+                for h, _ in _hook_activations(model, tokenizer, point, texts, batch_size=1)]
         return torch.stack(rows).mean(0)
 
     return mean_over_prefix(refuse_prefix) - mean_over_prefix(comply_prefix)
@@ -300,63 +292,30 @@ def prefix_direction(model: nn.Module, tokenizer: Any, point: HookPoint, prompts
 
 @torch.no_grad()
 def prompt_scores(steered: SteeredModel, texts: Sequence[str], vector: SteeringVector | None = None,
-                    pool: str = "mean", batch_size: int = 16) -> torch.Tensor:
+                  pool: str = "mean", batch_size: int = 16) -> torch.Tensor:
     """``(N,)``: each text's ``encode(h_t) . w`` pooled over its tokens but the first, as the gate
     scores it (``vector``: the weights, default the steering vector)."""
     objective = (steered.feature_objective() if vector is None
                  else FeatureObjective(steered.sae, vector, steered.device))
-    tok = steered.tokenizer
     scores: list[torch.Tensor] = []
-    captured: list[torch.Tensor] = []
-    point = steered.hook_point
-    if point.io == "output":
-        handle = point.module.register_forward_hook(
-            lambda m, a, o: captured.append(hidden_of(o)))
-    else:
-        handle = point.module.register_forward_pre_hook(
-            lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            enc = {k: v.to(steered.device) for k, v in enc.items()}
-            steered.model(**enc)
-            h = captured.pop()  # (B, T, D)
-            B, T, D = h.shape
-            s = objective.loss(h.reshape(B * T, D).float()).reshape(B, T)
-            scores.append(pool_prompt_scores(s, enc["attention_mask"].bool().to(s.device), pool).cpu())
-    finally:
-        handle.remove()
+    for h, mask in _hook_activations(steered.model, steered.tokenizer, steered.hook_point, texts, batch_size):
+        B, T, D = h.shape
+        s = objective.loss(h.reshape(B * T, D).float()).reshape(B, T)
+        scores.append(pool_prompt_scores(s, mask.bool(), pool).cpu())
     return torch.cat(scores)
 
 
 @torch.no_grad()
 def pooled_sae_features(steered: SteeredModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """``(N, F)``: SAE features of each text, averaged over its tokens but the first."""
-    tok = steered.tokenizer
     sae = steered.sae
     rows: list[torch.Tensor] = []
-    captured: list[torch.Tensor] = []
-    point = steered.hook_point
-    if point.io == "output":
-        handle = point.module.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
-    else:
-        handle = point.module.register_forward_pre_hook(
-            lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            enc = {k: v.to(steered.device) for k, v in enc.items()}
-            steered.model(**enc)
-            h = captured.pop()  # (B, T, D)
-            keep = enc["attention_mask"].bool().to(h.device)
-            keep.scatter_(1, keep.int().argmax(dim=1, keepdim=True), False)  # not the first real token
-            f = sae.encode(h.to(sae.W_enc.dtype)).float()  # (B, T, F)
-            m = keep.unsqueeze(-1).float()
-            rows.append(((f * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
-    finally:
-        handle.remove()
+    for h, mask in _hook_activations(steered.model, steered.tokenizer, steered.hook_point, texts, batch_size):
+        keep = mask.bool()
+        keep.scatter_(1, keep.int().argmax(dim=1, keepdim=True), False)  # not the first real token
+        f = sae.encode(h.to(sae.W_enc.dtype)).float()  # (B, T, F)
+        m = keep.unsqueeze(-1).float()
+        rows.append(((f * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
     return torch.cat(rows)
 
 
