@@ -117,11 +117,11 @@ def wikitext_test(data: str | os.PathLike | None = None, part: str = "all") -> s
     ``part``: ``"all"``; ``"eval"``, the articles in the first :data:`WIKITEXT_EVAL_FRACTION` of the
     file (held-out SAE evaluation); ``"train"``, the remaining articles (never overlapping ``eval``).
     """
+    if part not in ("all", "eval", "train"):
+        raise ValueError(f"wikitext_test(part={part!r}): expected 'all', 'eval' or 'train'.")
     text = (data_dir(data) / "wikitext2_raw_test" / "wiki.test.raw").read_text(encoding="utf-8")
     if part == "all":
         return text
-    if part not in ("eval", "train"):
-        raise ValueError(f"wikitext_test(part={part!r}): expected 'all', 'eval' or 'train'.")
     # Split at the first top-level article heading (" = Title = ") after the eval fraction.
     heading = re.compile(r"^ = [^=].* = $", re.MULTILINE)
     m = heading.search(text, int(len(text) * WIKITEXT_EVAL_FRACTION))
