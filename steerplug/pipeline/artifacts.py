@@ -186,7 +186,8 @@ base_model: {DEFAULT_MODEL_ID}
 A TopK sparse autoencoder (Gao et al. 2024, with the AuxK loss) with {sae_cfg['d_sae']} latents
 ({sae_cfg['d_sae'] / sae_cfg['d_in']:.2f} x the width {sae_cfg['d_in']}), k = {sae_cfg.get('k')}, trained by
 `steerplug build-default-artifacts` on {tr.get('n_rows', '?')} activation rows (position 0 dropped)
-of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (chat template, given answers), of `harmful_train` and
+of {cfg.hh_rlhf} HH-RLHF harmless-base dialogues (its test split, the only one available offline;
+chat template, given answers), of `harmful_train` and
 up to {cfg.per_prompt_set} `harmless_train` questions
 ({answers}),
 and of generic text: WikiText-2 test's training part (the articles after its first quarter; the
