@@ -85,7 +85,7 @@ class SteeredModel:
         self.config = config or SteeringConfig()
         self.hook_point: HookPoint | None = None
         self._enabled = True
-        self._grad_fns: dict[torch.device, Any] = {}
+        self._grad_fns: dict[Any, Any] = {}
         self._objectives: dict[tuple, FeatureObjective] = {}
         if sae is None:
             if vector is not None or objective is not None:
@@ -169,7 +169,12 @@ class SteeredModel:
         """The gradient function on ``device``, built once (the SAE maths runs in float32 there)."""
         if self.objective is None:
             grad = self.feature_objective(device).grad
-            return functools.partial(grad, push_inactive=True) if push_inactive else grad
+            if not push_inactive:
+                return grad
+            key = (device, "push_inactive")
+            if self._grad_fns.get(key) is None or self._grad_fns[key].func != grad:  # built once per objective
+                self._grad_fns[key] = functools.partial(grad, push_inactive=True)
+            return self._grad_fns[key]
         fn = self._grad_fns.get(device)
         if fn is None:
             sae = self.sae
@@ -183,6 +188,9 @@ class SteeredModel:
     def _grad_fn_for_config(self, config: SteeringConfig):
         if not config.push_inactive:
             return self._grad_fn_for
+        if self.objective is not None:
+            raise ValueError("push_inactive=True applies to the encode(h) . w objective of a steering "
+                             "vector, not to a user objective=: drop one of them.")
         return lambda device: self._grad_fn_for(device, push_inactive=True)
 
     def feature_objective(self, device: torch.device | str | None = None) -> FeatureObjective:

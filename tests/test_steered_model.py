@@ -186,6 +186,8 @@ def test_user_objective_takes_the_autograd_path():
                         config=SteeringConfig(positions="all"))
     with torch.inference_mode():
         torch.testing.assert_close(closed(ids).logits, auto(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="push_inactive"):
+        auto(ids, push_inactive=True)
 
 
 def test_transformers4_tuple_outputs_are_handled():
