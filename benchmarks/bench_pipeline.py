@@ -4,13 +4,14 @@
 (``pip install eai-sparsify``; its SparseCoder + the exact step of its Trainer: unit-norm decoder,
 forward with dead mask, ``fvu + auxk_alpha * auxk``, backward, parallel-gradient removal, Adam
 step, dead-latent counters) on the same activation batches, width and k. Both run in one process,
-alternating (A B, then B A, ...) after warm-up; medians over rounds. Two regimes: no dead
-latents (AuxK idle), and AuxK active (``dead threshold`` of one batch, so most latents are dead).
+alternating (A B, then B A, ...) after warm-up; medians over rounds. Three regimes: no dead
+latents (AuxK idle); a fixed 10% of latents dead (AuxK active, as when a run has some dead
+latents); and a stress regime (``dead threshold`` of one batch, so 75-85% of latents are dead).
 
 ``collect``: activations at a mid layer by steerplug's early-stopping capture vs a full forward
 pass with ``output_hidden_states=True``, same batches, alternating, medians.
 
-    .venv/bin/python benchmarks/bench_pipeline.py train --acts runs/default/acts_train
+    .venv/bin/python benchmarks/bench_pipeline.py train --acts runs/v2/acts_chat --d-sae 3072 --threads 1
     .venv/bin/python benchmarks/bench_pipeline.py collect --layer 15
 """
 
@@ -40,14 +41,17 @@ def _activations(folder: str | None, n: int, d: int = 576) -> torch.Tensor:
 class Steerplug:
     name = "steerplug"
 
-    def __init__(self, d, f, k, lr, dead_tokens, total_steps):
+    def __init__(self, d, f, k, lr, dead_tokens, total_steps, force_dead=None):
         from steerplug.pipeline.trainers import TrainerConfig, make_trainer
 
         self.t = make_trainer(TrainerConfig(d_in=d, d_sae=f, k=k, lr=lr, total_steps=total_steps,
                                             warmup_steps=1, dead_tokens=dead_tokens))
         self.step_i = 0
+        self.force_dead = force_dead
 
     def step(self, x):
+        if self.force_dead is not None:  # these latents count as dead whatever they did
+            self.t.tokens_since_fired[self.force_dead] = 10**15
         self.t.update(self.step_i, x)
         self.step_i += 1
 
@@ -55,7 +59,7 @@ class Steerplug:
 class Sparsify:
     name = "sparsify"
 
-    def __init__(self, d, f, k, lr, dead_tokens, total_steps):
+    def __init__(self, d, f, k, lr, dead_tokens, total_steps, force_dead=None):
         from sparsify import SparseCoder, SparseCoderConfig
 
         self.sae = SparseCoder(d, SparseCoderConfig(num_latents=f, k=k), device="cpu", dtype=torch.float32)
@@ -63,8 +67,11 @@ class Sparsify:
         self.dead_tokens = dead_tokens
         self.since = torch.zeros(f, dtype=torch.long)
         self.auxk_alpha = 1 / 32
+        self.force_dead = force_dead
 
     def step(self, x):
+        if self.force_dead is not None:
+            self.since[self.force_dead] = 10**15
         sae = self.sae
         sae.set_decoder_norm_to_unit_norm()
         dead = self.since > self.dead_tokens - 1  # same convention as ours: >= dead_tokens
@@ -89,8 +96,11 @@ def bench_train(args) -> dict:
     scale = d ** 0.5 / float(acts.norm(dim=-1).mean())
     batches = [acts[i * args.batch_size:(i + 1) * args.batch_size] * scale for i in range(args.batches)]
     results = {}
-    for regime, dead_tokens in (("no_dead_latents", 10**12), ("auxk_active", args.batch_size)):
-        impls = [cls(d, args.d_sae, args.k, args.lr, dead_tokens, 10**6) for cls in (Steerplug, Sparsify)]
+    ten_pct = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(0))[:args.d_sae // 10]
+    regimes = (("no_dead_latents", 10**12, None), ("auxk_10pct_dead", 10**12, ten_pct),
+               ("auxk_stress", args.batch_size, None))
+    for regime, dead_tokens, force_dead in regimes:
+        impls = [cls(d, args.d_sae, args.k, args.lr, dead_tokens, 10**6, force_dead) for cls in (Steerplug, Sparsify)]
         for impl in impls:  # warm-up
             for b in batches[:args.warmup]:
                 impl.step(b)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from steerplug.pipeline import train as T
-from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, auxk_loss, make_trainer, sparse_decode
+from steerplug.pipeline import trainers
+from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, auxk_loss, init_sae, make_trainer, sparse_decode
 from steerplug.sae import SparseAutoencoder
 
 
@@ -34,39 +35,55 @@ def test_topk_autograd_matches_reference():
 
     def fast():
         a, i, pre = _TopKEncode.apply(x, W, b, bd, 4)
-        return (sparse_decode(i, a, Wd) + bd).pow(2).sum() + 0.1 * pre.sin().sum()
+        assert not pre.requires_grad  # AuxK takes its values through _GatherEncode
+        return (sparse_decode(i, a, Wd) + bd).pow(2).sum()
 
     def ref():
         pre = (x - bd) @ W + b
         v, i = pre.topk(4)
-        return ((v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1) + bd).pow(2).sum() + 0.1 * pre.sin().sum()
+        return ((v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1) + bd).pow(2).sum()
 
     for g1, g2 in zip(torch.autograd.grad(fast(), [W, b, bd, Wd]), torch.autograd.grad(ref(), [W, b, bd, Wd])):
         torch.testing.assert_close(g1, g2)
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("n_dead", [3, 20])  # fewer and more dead latents than k_aux
-def test_auxk_loss_on_dead_columns_matches_dense_reference(n_dead):
+def test_auxk_loss_on_dead_columns_matches_dense_reference(n_dead, path, monkeypatch):
+    """Values and gradients (encoder, biases, decoder) against the whole-width dense formulation,
+    on both of its paths (dense over the dead columns, sparse B k_aux D)."""
+    monkeypatch.setattr(trainers, "AUXK_DENSE_MAX_RATIO", 10**6 if path == "dense" else 0)
     g = torch.Generator().manual_seed(1)
     B, D, F_, k_aux = 12, 8, 32, 6
-    pre = torch.randn(B, F_, dtype=torch.double, generator=g, requires_grad=True)
-    Wd = torch.randn(F_, D, dtype=torch.double, generator=g, requires_grad=True)
+    sae = init_sae(TrainerConfig(d_in=D, d_sae=F_, total_steps=1, k=4)).double()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.double, generator=g))
+    params = [sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec]
+    for p in params:
+        p.requires_grad_(True)
+    x = torch.randn(B, D, dtype=torch.double, generator=g)
     e = torch.randn(B, D, dtype=torch.double, generator=g)
     dead = torch.zeros(F_, dtype=torch.bool)
     dead[torch.randperm(F_, generator=g)[:n_dead]] = True
     tv = torch.tensor(50.0, dtype=torch.double)
 
-    def ref():  # the whole-width formulation: mask the live latents, top-k, decode with all of W_dec
-        k = min(k_aux, n_dead)
-        v, i = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1)
-        e_hat = (v.clamp_min(0).unsqueeze(-1) * Wd[i]).sum(1)
+    def ref():  # the whole-width formulation: dense pre, mask the live latents, top-k, decode
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        v, i = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, n_dead), dim=-1)
+        e_hat = (v.clamp_min(0).unsqueeze(-1) * sae.W_dec[i]).sum(1)
         return min(n_dead / k_aux, 1.0) * (e_hat + e).pow(2).sum() / tv
 
-    fast = auxk_loss(pre, e, dead, Wd, k_aux, tv)
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    fast = auxk_loss(x, sae, pre, e, dead, k_aux, tv)
     torch.testing.assert_close(fast, ref())
-    for g1, g2 in zip(torch.autograd.grad(fast, [pre, Wd]), torch.autograd.grad(ref(), [pre, Wd])):
+    fast_grads = torch.autograd.grad(fast, params)
+    for g1, g2 in zip(fast_grads, torch.autograd.grad(ref(), params)):
         torch.testing.assert_close(g1, g2)
-    assert float(torch.autograd.grad(auxk_loss(pre, e, dead, Wd, k_aux, tv), Wd)[0][~dead].abs().max()) == 0.0
+    assert float(fast_grads[3][~dead].abs().max()) == 0.0  # live decoder rows untouched
+    assert float(fast_grads[0][:, ~dead].abs().max()) == 0.0  # and live encoder columns
+    assert float(fast_grads[0][:, dead].abs().max()) > 0.0  # dead encoder columns do train
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])
