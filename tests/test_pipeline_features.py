@@ -92,3 +92,31 @@ def test_logistic_probe_chooses_its_l2_without_the_test_labels():
     flipped = logistic_probe(x[:80], y[:80], x[80:], 1 - y[80:], epochs=100)
     assert acc > 0.6
     assert abs(acc + flipped - 1.0) < 1e-6
+
+
+def test_logistic_probe_scaling_is_chosen_by_cross_validation():
+    """Per-input scaling where a tiny-scale input carries the label; one shared scale for sparse
+    codes whose rare latents per-input scaling would blow up. Each is the training-split choice."""
+    from steerplug.pipeline.evaluate import logistic_probe
+
+    g = torch.Generator().manual_seed(2)
+    n = 240
+    y = torch.randint(0, 2, (n,), generator=g)
+    dense = torch.randn(n, 20, generator=g)
+    dense[:, 0] = 1e-3 * (2 * y - 1 + 0.5 * torch.randn(n, generator=g))  # the signal, at a tiny scale
+    chosen: dict = {}
+    acc = logistic_probe(dense[:160], y[:160], dense[160:], y[160:], epochs=150, details=chosen)
+    assert chosen["scaling"] == "per_input" and acc > 0.9
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (n,), generator=g)
+    codes = torch.zeros(n, 400)
+    codes[:, 0] = (y + 0.6 * torch.randn(n, generator=g)).clamp_min(0)  # a common latent, noisy signal
+    for i in range(n):  # each row also fires three rare latents at random, strongly
+        codes[i, 1 + torch.randperm(399, generator=g)[:3]] = 5.0
+    chosen = {}
+    acc = logistic_probe(codes[:160], y[:160], codes[160:], y[160:], epochs=150, details=chosen)
+    alone: dict = {}
+    logistic_probe(codes[:160], y[:160], codes[160:], y[160:], epochs=150, scalings=("per_input",), details=alone)
+    assert chosen["scaling"] == "shared", chosen
+    assert chosen["cv_accuracy"] > alone["cv_accuracy"] and acc > 0.6

@@ -11,7 +11,8 @@ Measured (position 0 of every sequence, the attention sink, is always left out):
   spliced model vs the unspliced model, on the same items;
 - linear probes (logistic regression, torch) on mean-pooled SAE features vs on mean-pooled raw
   activations: harmful vs harmless (train on ``*_train`` prompts, report on ``*_test``) and the
-  JailbreakBench category (seeded 60/40 split).
+  JailbreakBench category (seeded 60/40 split). Each probe chooses its input scaling and L2
+  strength by cross-validation on its training split, so both get the same, fair procedure.
 """
 
 from __future__ import annotations
@@ -276,42 +277,65 @@ def _fit_probe(xtr: torch.Tensor, ytr: torch.Tensor, n_cls: int, weight_decay: f
     return lin
 
 
-def _standardise(x_train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+PROBE_SCALINGS = ("per_input", "shared")
+"""How a probe scales its centred inputs, chosen by cross-validation with the L2 strength:
+``per_input`` divides each input by its own training std; ``shared`` divides all of them by one
+scale (their root-mean-square std). Per-input scaling blows up rarely-active SAE latents (one
+active on 2 of 500 prompts gets a std near zero and a huge standardised value), which the L2
+penalty then barely restrains; raw activations usually prefer it, sparse codes usually do not."""
+
+
+def _standardise(x_train: torch.Tensor, *others: torch.Tensor, scaling: str = "per_input") -> list[torch.Tensor]:
     mu, sd = x_train.mean(0), x_train.std(0)
-    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant in train (e.g. a silent latent): no rescale
+    if scaling == "shared":
+        sd = sd.pow(2).mean().sqrt().clamp_min(1e-6).expand_as(sd)
+    elif scaling == "per_input":
+        sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant in train (a silent latent): no rescale
+    else:
+        raise ValueError(f"scaling={scaling!r}: use one of {PROBE_SCALINGS}")
     return [(x - mu) / sd for x in (x_train, *others)]
 
 
 def logistic_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
                    y_test: torch.Tensor, *, epochs: int = 300,
-                   weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS, folds: int = 5,
-                   lr: float = 1e-2, seed: int = 0) -> float:
-    """Test accuracy of a linear+softmax classifier (standardised inputs, Adam, full batch).
+                   weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS,
+                   scalings: tuple[str, ...] = PROBE_SCALINGS, folds: int = 5,
+                   lr: float = 1e-2, seed: int = 0, details: dict | None = None) -> float:
+    """Test accuracy of a linear+softmax classifier (centred, scaled inputs; Adam, full batch).
 
-    The L2 strength is chosen from ``weight_decays`` by ``folds``-fold cross-validation on the
-    training split only (the test split is touched once), the same way for every input, so raw
-    activations and SAE features each get their best-regularised probe."""
+    The input scaling (``PROBE_SCALINGS``) and the L2 strength are chosen from ``scalings`` x
+    ``weight_decays`` by ``folds``-fold cross-validation on the training split only (the test
+    split is touched once), the same way for every input, so raw activations and SAE features
+    each get their best-set-up probe. ``details``, if given, receives the choice and CV accuracy."""
     n_cls = int(max(y_train.max(), y_test.max())) + 1
-    if len(weight_decays) > 1:
+    grid = [(s, wd) for s in scalings for wd in weight_decays]
+    cv_acc = None
+    if len(grid) > 1:
         perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
         parts = perm.chunk(folds)
         scores = []
-        for wd in weight_decays:
+        for scaling, wd in grid:
             hits = 0
             for i, val in enumerate(parts):
                 tr = torch.cat([p for j, p in enumerate(parts) if j != i])
-                a, b = _standardise(x_train[tr], x_train[val])
+                a, b = _standardise(x_train[tr], x_train[val], scaling=scaling)
                 lin = _fit_probe(a, y_train[tr], n_cls, wd, epochs, lr, seed)
                 with torch.no_grad():
                     hits += int((lin(b).argmax(-1) == y_train[val]).sum())
             scores.append(hits)
-        weight_decay = weight_decays[max(range(len(scores)), key=lambda i: (scores[i], weight_decays[i]))]
+        # ties: the earlier scaling, then the stronger L2
+        best = max(range(len(grid)), key=lambda i: (scores[i], -scalings.index(grid[i][0]), grid[i][1]))
+        cv_acc = scores[best] / len(y_train)
     else:
-        weight_decay = weight_decays[0]
-    xtr, xte = _standardise(x_train, x_test)
+        best = 0
+    scaling, weight_decay = grid[best]
+    xtr, xte = _standardise(x_train, x_test, scaling=scaling)
     lin = _fit_probe(xtr, y_train, n_cls, weight_decay, epochs, lr, seed)
     with torch.no_grad():
-        return float((lin(xte).argmax(-1) == y_test).float().mean())
+        acc = float((lin(xte).argmax(-1) == y_test).float().mean())
+    if details is not None:
+        details.update(scaling=scaling, weight_decay=weight_decay, cv_accuracy=cv_acc)
+    return acc
 
 
 @torch.no_grad()
@@ -339,6 +363,17 @@ def pooled_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, ho
     return torch.cat(raws), torch.cat(feats)
 
 
+def _probe_pair(r_tr: torch.Tensor, f_tr: torch.Tensor, y_tr: torch.Tensor, r_te: torch.Tensor,
+                f_te: torch.Tensor, y_te: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The same probe procedure on raw activations and on SAE features, with each one's CV choice."""
+    out: dict[str, Any] = {}
+    for name, a, b in (("raw", r_tr, r_te), ("sae", f_tr, f_te)):
+        chosen: dict[str, Any] = {}
+        out[f"acc_{name}"] = logistic_probe(a, y_tr, b, y_te, seed=seed, details=chosen)
+        out[f"probe_{name}"] = chosen
+    return out
+
+
 def probe_eval(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, hook_point: HookPoint,
                cfg: EvalConfig, data: str | None = None) -> dict[str, Any]:
     """Harmful-vs-harmless (train on *_train, test on *_test) and JBB-category probes."""
@@ -360,10 +395,8 @@ def probe_eval(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, hook_po
                                  progress=cfg.progress)
     y_tr = torch.tensor([int(p.harmful) for p in train])
     y_te = torch.tensor([int(p.harmful) for p in test])
-    out: dict[str, Any] = {"harmful_vs_harmless": {
-        "n_train": len(train), "n_test": len(test),
-        "acc_raw": logistic_probe(r_tr, y_tr, r_te, y_te, seed=cfg.seed),
-        "acc_sae": logistic_probe(f_tr, y_tr, f_te, y_te, seed=cfg.seed)}}
+    out: dict[str, Any] = {"harmful_vs_harmless": {"n_train": len(train), "n_test": len(test),
+                                                   **_probe_pair(r_tr, f_tr, y_tr, r_te, f_te, y_te, cfg.seed)}}
     jbb = load_prompts("jbb_harmful", data) + load_prompts("jbb_benign", data)
     if len(jbb) > 4 * n:  # small runs (tests): a seeded subset
         jbb = [jbb[int(i)] for i in torch.randperm(len(jbb), generator=g)[:4 * n].sort().values]
@@ -374,8 +407,7 @@ def probe_eval(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, hook_po
     r, f = pooled_features(model, tokenizer, sae, hook_point, [p.text for p in jbb], progress=cfg.progress)
     tr, te = perm[:cut], perm[cut:]
     out["jbb_category"] = {"n_classes": len(cats), "n_train": len(tr), "n_test": len(te),
-                           "acc_raw": logistic_probe(r[tr], y[tr], r[te], y[te], seed=cfg.seed),
-                           "acc_sae": logistic_probe(f[tr], y[tr], f[te], y[te], seed=cfg.seed)}
+                           **_probe_pair(r[tr], f[tr], y[tr], r[te], f[te], y[te], cfg.seed)}
     for v in out.values():
         v["gap_points"] = 100 * (v["acc_raw"] - v["acc_sae"])
     return out
