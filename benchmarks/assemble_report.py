@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from steerplug.report import HARMFUL_SETS, HARMLESS_SETS, HELLASWAG_TASK, markdown, pareto_plot, summarise
+from steerplug.report import (HARMFUL_SETS, HARMLESS_SETS, HELLASWAG_TASK, frontier_summary, markdown, pareto_plot,
+                              summarise)
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     base_meta = json.loads(Path(args.prepared_from).read_text())["meta"]
     n = {t: results[0]["tasks"][t]["n"] for t in harm_tasks + [HELLASWAG_TASK] if t in results[0]["tasks"]}
     meta = {**base_meta, "command": args.command, "n": n, "assembled_from": args.keys,
-            "seconds": sum(r["seconds"] for r in results)}
+            "seconds": sum(r["seconds"] for r in results), "frontier": frontier_summary(rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))

@@ -141,3 +141,33 @@ def test_pareto_front():
     rows = [{"method": m, "harmful_refusal": h, "harmless_refusal": b}
             for m, h, b in [("a", 0.0, 0.0), ("b", 0.5, 0.1), ("c", 0.4, 0.2), ("d", 0.9, 0.5)]]
     assert [r["method"] for r in pareto_front(rows)] == ["a", "b", "d"]
+
+
+def test_frontier_summary_names_what_meets_and_what_dominates():
+    from steerplug.report import HARMLESS_SETS, frontier_markdown, frontier_summary
+
+    benign = f"refusal:{HARMLESS_SETS['jbb_benign']}"
+
+    def row(method, family, harmful, harmless, changed=None, delta=0.0):
+        return {"method": method, "family": family, "harmful_refusal": harmful, "harmless_refusal": harmless,
+                "raw_harmful_refusal": harmful, "harmful_changed": changed, benign: harmless,
+                "hellaswag_delta": delta}
+
+    rows = [row("unsteered", "unsteered", 0.03, 0.0),
+            row("gated CAA", "caa_gated", 0.10, 0.02),
+            row("CAA", "caa", 0.40, 0.30),
+            row("cond", "conditional", 0.06, 0.02, changed=0.9),
+            row("steer", "steerplug", 0.95, 0.04, changed=0.97, delta=-0.02)]
+    s = frontier_summary(rows)
+    assert s["meets_all"] == []  # "steer" loses 2 HellaSwag points
+    assert s["best_within_harmless_budget"]["steerplug"]["misses"] == ["HellaSwag within 1 point"]
+    assert s["gradient_dominated_by"] == {"cond": ["gated CAA"]}
+    assert s["pareto_front"] == ["unsteered", "gated CAA", "steer"]
+    assert s["gradient_best"]["method"] == "steer"
+
+    rows[-1]["hellaswag_delta"] = -0.005
+    s = frontier_summary(rows)
+    assert s["meets_all"] == ["steer"]
+    del rows[-1]
+    text = "\n".join(frontier_markdown(frontier_summary(rows)))
+    assert "**none**" in text and "cond (by gated CAA)" in text and "not the gate or the reach" in text
