@@ -78,8 +78,12 @@ class Method:
 
 def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[float] | None = None,
                     conditional_lr: float | list[float] | None = None,
-                    gated_caa_scales: list[float] | None = None, push_inactive: bool = False) -> list[Method]:
-    """The sweep of the module docstring."""
+                    gated_caa_scales: list[float] | None = None, push_inactive: bool = False,
+                    max_delta: float | None | str = "default") -> list[Method]:
+    """The sweep of the module docstring. ``max_delta``: the gradient rows' bound on
+    ``||dh|| / ||h||`` (``SteeringConfig.max_delta``; ``None``: no bound; default: its default)."""
+    bound = {} if max_delta == "default" else {"max_delta": max_delta}
+    tag = "" if max_delta == "default" else f" max_delta={max_delta:g}" if max_delta else " unbounded"
     caa_scales = caa_scales if caa_scales is not None else [1.0]
     gated_caa_scales = gated_caa_scales if gated_caa_scales is not None else caa_scales
     methods = [Method("unsteered", "unsteered"),
@@ -87,14 +91,14 @@ def default_methods(strengths: list[float], steps: int = 3, caa_scales: list[flo
     methods += [Method(f"CAA x{s:g}", "caa", {"steps": 1, "positions": "all"},
                        {"kind": "add", "add_vector": "auto", "add_scale": s}) for s in caa_scales]
     methods.append(Method("SAE clamp", "clamp", {"steps": 1, "positions": "all"}, {"kind": "clamp"}))
-    methods += [Method(f"steerplug lr={lr:g}", "steerplug", {"steps": steps, "lr": lr})
+    methods += [Method(f"steerplug lr={lr:g}{tag}", "steerplug", {"steps": steps, "lr": lr, **bound})
                 for lr in strengths]
     if strengths:
         lrs = (conditional_lr if isinstance(conditional_lr, list)
                else [conditional_lr] if conditional_lr is not None else [max(strengths)])
         for push in ([False, True] if push_inactive else [False]):
-            methods += [Method(f"conditional lr={lr:g}" + (" push" if push else ""), "conditional",
-                               {"steps": steps, "lr": lr, **({"push_inactive": True} if push else {})},
+            methods += [Method(f"conditional lr={lr:g}" + (" push" if push else "") + tag, "conditional",
+                               {"steps": steps, "lr": lr, **bound, **({"push_inactive": True} if push else {})},
                                {"gate_threshold": "auto", "gate_vector": "auto"}) for lr in lrs]
     methods += [Method(f"gated CAA x{s:g}", "caa_gated", {"steps": 1, "positions": "all"},
                        {"kind": "add", "add_vector": "auto", "add_scale": s, "gate_threshold": "auto",
@@ -616,6 +620,10 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _bound(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--sae", default="default", help="SAE folder or Hub repo (default: the shipped one)")
@@ -638,6 +646,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the CAA direction: forced refusal minus forced compliance prefixes, or harmful minus harmless prompts")
     p.add_argument("--push-inactive", action="store_true",
                    help="add conditional rows that also push up safe features that are off (SteeringConfig.push_inactive)")
+    p.add_argument("--max-delta", type=_bound, default="default",
+                   help="the gradient rows' bound on ||dh||/||h|| (a number, or 'none' for no bound; "
+                        "default: SteeringConfig's)")
     p.add_argument("--gate-max-fpr", type=float, default=0.05,
                    help="the gate's false-positive budget on harmless_val (its threshold is chosen there)")
     p.add_argument("--methods", default=None,
@@ -670,7 +681,8 @@ def run(args: argparse.Namespace) -> int:
                      vector=args.vector, vector_subfolder=args.vector_subfolder, layer=args.layer,
                      steps=0, **kw)
     methods = default_methods(args.strengths, args.steps, args.caa_scales, args.conditional_lr,
-                              args.gated_caa_scales, push_inactive=args.push_inactive)
+                              args.gated_caa_scales, push_inactive=args.push_inactive,
+                              max_delta=args.max_delta)
     if not lm.steered.can_steer:
         print("No SAE / steering vector for this model: only the unsteered and system-prompt rows.")
         methods = [m for m in methods if m.family in ("unsteered", "system_prompt")]

@@ -38,6 +38,14 @@ def test_default_methods_cover_the_sweep():
     assert fams.count("steerplug") == 2 and fams.count("caa") == 2
     assert {"unsteered", "system_prompt", "clamp", "conditional"} <= set(fams)
     assert next(m for m in ms if m.family == "conditional").steering["lr"] == 0.5
+    assert all("max_delta" not in m.steering for m in ms)  # SteeringConfig's default bound
+
+    from steerplug.steering import SteeringConfig
+
+    for bound, tag in ((1.0, " max_delta=1"), (None, " unbounded")):
+        grad = [m for m in default_methods([0.5], max_delta=bound) if m.family in ("steerplug", "conditional")]
+        assert grad and all(m.steering["max_delta"] == bound and m.name.endswith(tag) for m in grad)
+        assert SteeringConfig(**grad[0].steering).max_delta == bound
 
 
 def test_report_runs_caches_and_writes(lm, tmp_path):
