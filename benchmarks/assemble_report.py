@@ -2,7 +2,8 @@
 
 For sweeps split across processes (``steerplug report --methods ...`` in parallel, one cache
 folder): each process writes its rows' cache files; this puts the chosen ones into one table,
-JSON, samples file and Pareto plot, with the calibration ("prepared") of one of the runs.
+JSON, samples file and Pareto plot, with the calibration ("prepared") of one of the runs. Every
+answer is judged again with the current judge (``STEERPLUG_JUDGE``, default the phrase judge).
 
     python benchmarks/assemble_report.py --cache reports/cache --out reports/NAME \\
         --prepared-from reports/tmp-c/results.json --command "..." KEY1 KEY2 ...
@@ -14,8 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+from steerplug.judge import get_judge
 from steerplug.report import (HARMFUL_SETS, HARMLESS_SETS, HELLASWAG_TASK, frontier_summary, markdown, pareto_plot,
-                              summarise)
+                              rejudge, summarise)
 
 
 def main() -> None:
@@ -27,6 +29,7 @@ def main() -> None:
     p.add_argument("--command", required=True, help="the report commands that produced the cache files")
     args = p.parse_args()
     results = [json.loads((Path(args.cache) / f"{k}.json").read_text()) for k in args.keys]
+    rejudge(results, get_judge())  # as run_report does: cached answers, today's judge
     harm_tasks = [t for t in [*HARMFUL_SETS.values(), *HARMLESS_SETS.values()] if t in results[0]["tasks"]]
     rows = summarise(results, harm_tasks)
     base_meta = json.loads(Path(args.prepared_from).read_text())["meta"]

@@ -82,26 +82,42 @@ class Coherence:
     """Share of the most frequent word among all words."""
     alpha_share: float
     """Share of non-space characters that are letters."""
+    looped_token: bool = False
+    """A long word that is a character loop ("ANANANANANA...", "unsignededededed..."):
+    word-level measures miss these, which heavy steering emits."""
+
+
+def _looped_token(text: str, min_len: int = 30, max_ratio: float = 0.5) -> bool:
+    """True if some run of word characters of ``min_len`` or more compresses (zlib) below
+    ``max_ratio`` of its length: a loop, not a URL part, hash or long compound word."""
+    import zlib
+
+    for tok in re.findall(r"\w{%d,}" % min_len, text):
+        raw = tok.encode()
+        if len(zlib.compress(raw, 9)) < max_ratio * len(raw):
+            return True
+    return False
 
 
 def coherence(text: str, max_repetition: float = 0.5, min_distinct2: float = 0.5,
               max_top_word_share: float = 0.3, min_alpha_share: float = 0.5,
               min_words: int = 8, top_word_min_words: int = 20) -> Coherence:
-    """Measure an answer; answers under ``min_words`` words count as coherent if mostly alphabetic.
-    The top-word share is checked from ``top_word_min_words`` words on (short code snippets
-    repeat an identifier legitimately)."""
+    """Measure an answer; answers under ``min_words`` words count as coherent if mostly alphabetic
+    and free of looped tokens. The top-word share is checked from ``top_word_min_words`` words on
+    (short code snippets repeat an identifier legitimately)."""
     toks = [t for t in words(text) if t.isalnum() or "'" in t]
     rep, d2 = repetition_rate(text), distinct_n(text, 2)
     counts = Counter(toks)
     top = counts.most_common(1)[0][1] / len(toks) if toks else 0.0
     chars = [c for c in text if not c.isspace()]
     alpha = sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+    looped = _looped_token(text)
     if len(toks) < min_words:
-        ok = bool(toks) and alpha >= min_alpha_share
+        ok = bool(toks) and alpha >= min_alpha_share and not looped
     else:
-        ok = (rep <= max_repetition and d2 >= min_distinct2 and alpha >= min_alpha_share
+        ok = (rep <= max_repetition and d2 >= min_distinct2 and alpha >= min_alpha_share and not looped
               and (top <= max_top_word_share or len(toks) < top_word_min_words))
-    return Coherence(ok, rep, d2, top, alpha)
+    return Coherence(ok, rep, d2, top, alpha, looped)
 
 
 def is_coherent(text: str, **thresholds: float) -> bool:
