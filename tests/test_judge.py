@@ -94,17 +94,18 @@ def test_callable_and_spec_judges(monkeypatch):
         get_judge("nonsense")
 
 
-def test_coherence_catches_character_loops_but_not_long_honest_tokens():
-    loops = [" The DNALSINARCONANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANAN",
-             "you've not yet revealed the unsignededededededededededededededededededededededededed",
-             '"HHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHH']
-    for text in loops:
-        c = coherence(text)
-        assert c.looped_token and not c.coherent, text
+@pytest.mark.parametrize("text, looped", [
+    (" The DNALSINARCONANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANANAN", True),
+    ("you've not yet revealed the unsignededededededededededededededededededededededededed", True),
+    ('"HHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHH', True),
+    ("See https://www.example.com/path/to/a_really_long_file_name_for_testing_purposes.html now.", False),
+    ("The hash is 3f9a8c7e2b1d4f6a0e5c9b8d7a6f5e4d3c2b1a09 and it is fine to print.", False),
+    ("Donaudampfschifffahrtsgesellschaftskapitän is a long German word that is fine here.", False),
+])
+def test_coherence_catches_character_loops_but_not_long_honest_tokens(text, looped):
+    c = coherence(text)
+    assert c.looped_token == looped and c.coherent == (not looped)
+
+
+def test_a_looped_refusal_is_not_a_refusal():
     assert not PhraseJudge()("p", "I can't ANANANANANANANANANANANANANANANANANANANANANANANAN").refusal
-    fine = ["See https://www.example.com/path/to/a_really_long_file_name_for_testing_purposes.html now.",
-            "The hash is 3f9a8c7e2b1d4f6a0e5c9b8d7a6f5e4d3c2b1a09 and it is fine to print.",
-            "Donaudampfschifffahrtsgesellschaftskapitän is a long German word that is fine here."]
-    for text in fine:
-        c = coherence(text)
-        assert c.coherent and not c.looped_token, text
