@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,8 +91,6 @@ class Coherence:
 def _looped_token(text: str, min_len: int = 30, max_ratio: float = 0.5) -> bool:
     """True if some run of word characters of ``min_len`` or more compresses (zlib) below
     ``max_ratio`` of its length: a loop, not a URL part, hash or long compound word."""
-    import zlib
-
     for tok in re.findall(r"\w{%d,}" % min_len, text):
         raw = tok.encode()
         if len(zlib.compress(raw, 9)) < max_ratio * len(raw):

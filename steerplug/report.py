@@ -461,8 +461,8 @@ def frontier_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     dominated = {r["method"]: [o["method"] for o in pts if o["family"] in BASELINE_FAMILIES and beats(o, r)]
                  for r in pts if r["family"] in GRADIENT_FAMILIES}
-    gradient_best = max((r for r in pts if r["family"] in GRADIENT_FAMILIES and r["method"] in
-                         {b["method"] for b in best.values()}), key=lambda r: r["harmful_refusal"], default=None)
+    gradient_best = max((r for f, r in best.items() if f in GRADIENT_FAMILIES),
+                        key=lambda r: r["harmful_refusal"], default=None)
     return {
         "targets": dict(TARGETS),
         "meets_all": [r["method"] for r in pts if not _misses(r)],
