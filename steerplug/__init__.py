@@ -1,6 +1,6 @@
 """steerplug: inference-time steering of Hugging Face chat models through sparse autoencoders."""
 
-__version__ = "0.1.0"
+from steerplug._version import __version__  # noqa: E402,F401
 
 from steerplug.hooks import CallState, HookHandle  # noqa: E402
 from steerplug.layers import HookPoint, HookPointError, find_blocks, resolve_hook_point  # noqa: E402

@@ -217,6 +217,7 @@ class _Row:
     emitted: int = 0  # characters of the answer already sent
     done: str | None = None  # finish reason once finished
     text: str = ""
+    gate_on: bool = True  # whether the steered model's gate fired on this row's prompt
 
     @property
     def req(self) -> GenerationRequest:
@@ -480,6 +481,8 @@ class BatchEngine:
         else:  # a decode step: every new position predicts a token, none is prompt
             state = CallState(gen_start=0, prompt_end=0)
         state.row_lr, state.row_steps = lr, steps
+        if prefill_len is None:  # decode steps keep each row's gate decision from its prompt
+            state.row_on = torch.tensor([r.gate_on for r in rows], device=device)
         config = replace(steered.config, steps=max_steps, positions=positions)
         tracing = steered.can_steer and any(r.req.trace for r in rows)
         captured: dict[str, torch.Tensor] = {}
@@ -496,6 +499,9 @@ class BatchEngine:
         finally:
             if before is not None:
                 before.remove()
+        if prefill_len is not None and state.row_on is not None:
+            for r, fired in zip(rows, state.row_on.tolist()):
+                r.gate_on = bool(fired)
         self.stats["forward_calls"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         logits = out.logits[:, -1].float()  # (B, V)

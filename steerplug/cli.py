@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("steerplug.pipeline.train", "train a TopK or ReLU+L1 sparse autoencoder on activations"),
     "evaluate-sae": ("steerplug.pipeline.evaluate", "L0, FVE, CE loss recovered, HellaSwag, probes of an SAE"),
     "find-features": ("steerplug.pipeline.features", "rank SAE features and build a steering vector"),
+    "build-steering": ("steerplug.pipeline.bundle",
+                       "own refusals -> per-site target vectors, CAA directions and the gate: a steering bundle"),
     "build-default-artifacts": ("steerplug.pipeline.artifacts",
                                 "build hub_artifacts/ (SAE + vector) for the default model"),
 }
@@ -54,7 +56,7 @@ def steered_model_from_args(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerplug", description=__doc__.splitlines()[0])
-    from steerplug import __version__
+    from steerplug._version import __version__
 
     parser.add_argument("--version", action="version", version=f"steerplug {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

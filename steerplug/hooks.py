@@ -1,12 +1,16 @@
 """Installing steering as forward hooks: a context manager, and a handle for use outside ``with``.
 
-Two hooks per installation:
+One installation holds:
 
-* a pre-hook on the top-level model records, for each forward call, how many positions the KV
-  cache already holds and the attention mask, so the layer hook knows the absolute position of
-  every row it sees (this is what makes steered generation identical with and without the cache);
-* a hook on the hooked layer (output, or input for ``hook_resid_pre``) that selects the positions to
-  steer and replaces them with :func:`steerplug.steering.gradient_steer`'s result.
+* a pre-hook on the top-level model that records, for each forward call, how many positions the
+  KV cache already holds and the attention mask, so the layer hooks know the absolute position of
+  every row they see (this is what makes steered generation identical with and without the cache).
+  With a gate, on every call that starts a sequence (the prompt of ``generate``, each
+  loglikelihood batch) it first runs the model *unsteered and truncated* at the gate's hook point
+  (:func:`make_gate_pass`) and records which rows the gate fires on (``CallState.row_on``);
+* a hook per steering site (a layer's output, or input for ``hook_resid_pre``) that selects the
+  positions to steer (and only rows the gate let through) and replaces them with
+  :func:`steerplug.steering.gradient_steer`'s result.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from steerplug.layers import HookPoint
+from steerplug.layers import HookPoint, hidden_of
 from steerplug.steering import SteeringConfig, SteeringError, gradient_steer
 
 
@@ -41,6 +45,11 @@ class CallState:
     """Optional per-row step size ``(B,)`` (0 switches a row off); overrides ``config.lr``."""
     row_steps: torch.Tensor | None = None
     """Optional per-row step count ``(B,)``; ``config.steps`` is then the maximum."""
+    row_on: torch.Tensor | None = None
+    """``(B,)`` bool: the rows steering may touch (written by the gate's pass; None = every row).
+    Other rows run exactly as the unsteered model."""
+    gating: bool = False
+    """True while the gate's own truncated forward runs: every steering hook stands aside."""
     steered_positions: int = 0
     """Running count of positions that were steered (for diagnostics and tests)."""
 
@@ -57,16 +66,84 @@ def _past_length(args: tuple, kwargs: dict) -> int:
     return int(cache[0][0].shape[-2])  # legacy tuple-of-tuples
 
 
-def _make_call_hook(state: CallState) -> Callable:
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the activation it needs is seen."""
+
+
+GatePass = Callable[[nn.Module, tuple, dict, CallState], torch.Tensor]
+
+
+def _make_call_hook(state: CallState, gate_pass: GatePass | None = None) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if state.gating:  # the gate's own pass re-enters the model
+            return
         state.past_len = _past_length(args, kwargs)
         state.attention_mask = kwargs.get("attention_mask")
+        if gate_pass is not None and state.past_len == 0:
+            state.gating = True
+            try:
+                state.row_on = gate_pass(module, args, kwargs, state)
+            finally:
+                state.gating = False
     return hook
+
+
+def _prompt_mask(state: CallState, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """``(B, T)`` bool: the prompt positions of a call that starts at position 0."""
+    cols = torch.arange(seq, device=device)
+    end = state.prompt_end if state.prompt_end is not None else seq
+    keep = (cols < torch.as_tensor(end, device=device).reshape(-1, 1)).expand(batch, seq)
+    mask = state.attention_mask
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] >= seq:
+        keep = keep & mask[:, :seq].to(device=device, dtype=torch.bool)
+    return keep
+
+
+def make_gate_pass(point: HookPoint, rows_fired: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> GatePass:
+    """A gate pass: run the model on the call's own inputs, without cache and unsteered, up to
+    ``point``; return ``rows_fired(h (B, T, D), prompt_mask (B, T)) -> (B,) bool``."""
+
+    def gate_pass(model: nn.Module, args: tuple, kwargs: dict, state: CallState) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def grab(h: torch.Tensor) -> None:
+            captured.append(h)
+            raise _StopForward
+
+        if point.io == "output":
+            handle = point.module.register_forward_hook(lambda m, a, o: grab(hidden_of(o)))
+        else:
+            handle = point.module.register_forward_pre_hook(
+                lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+        kw["use_cache"] = False
+        try:
+            model(*args, **kw)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"The gate's pass never reached {point.name}.")
+        h = captured[0]  # (B, T, D)
+        return rows_fired(h, _prompt_mask(state, h.shape[0], h.shape[1], h.device))
+
+    return gate_pass
 
 
 def _select(state: CallState, config: SteeringConfig, batch: int, seq: int,
             device: torch.device) -> torch.Tensor | None:
     """``(B, T)`` bool mask of positions to steer, or None for "all of them" (the lean path)."""
+    sel = _select_positions(state, config, batch, seq, device)
+    if state.row_on is None:
+        return sel
+    on = state.row_on.to(device=device, dtype=torch.bool).reshape(-1, 1)  # (B, 1)
+    return on.expand(batch, seq) if sel is None else sel & on
+
+
+def _select_positions(state: CallState, config: SteeringConfig, batch: int, seq: int,
+                      device: torch.device) -> torch.Tensor | None:
     past = state.past_len
     mask = state.attention_mask
     if config.positions == "generated":
@@ -100,6 +177,8 @@ def make_steer_fn(grad_fn_for: Callable[[torch.device], Callable[[torch.Tensor],
     """``(B, T, D) -> (B, T, D)``: steer the selected positions of one layer activation."""
 
     def steer(h: torch.Tensor) -> torch.Tensor:
+        if state.gating or (state.row_on is not None and not bool(state.row_on.any())):
+            return h
         B, T, D = h.shape
         sel = _select(state, config, B, T, h.device)
         rows = None if sel is None else sel.nonzero(as_tuple=True)  # (N,), (N,)
@@ -172,19 +251,26 @@ class HookHandle:
         self.remove()
 
 
-def install_hooks(model: nn.Module, point: HookPoint, steer: Callable[[torch.Tensor], torch.Tensor],
-                  state: CallState) -> HookHandle:
-    """Register the call-state pre-hook and the steering hook; returns their handle.
+Steer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def install_hooks(model: nn.Module, point: HookPoint | list[tuple[HookPoint, Steer]],
+                  steer: Steer | None, state: CallState, gate_pass: GatePass | None = None) -> HookHandle:
+    """Register the call-state pre-hook (running ``gate_pass`` if given) and one steering hook per
+    site; returns their handle. ``point, steer``: one site, or ``point=[(point, steer), ...]`` and
+    ``steer=None`` for several.
 
     If registering fails half-way, whatever was registered is removed before the error propagates.
     """
+    sites = point if isinstance(point, list) else [(point, steer)]
     handles: list[RemovableHandle] = []
     try:
-        handles.append(model.register_forward_pre_hook(_make_call_hook(state), with_kwargs=True))
-        if point.io == "output":
-            handles.append(point.module.register_forward_hook(_output_hook(steer)))
-        else:
-            handles.append(point.module.register_forward_pre_hook(_input_hook(steer), with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(_make_call_hook(state, gate_pass), with_kwargs=True))
+        for p, fn in sites:
+            if p.io == "output":
+                handles.append(p.module.register_forward_hook(_output_hook(fn)))
+            else:
+                handles.append(p.module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
     except BaseException:
         HookHandle(handles).remove()
         raise
@@ -192,10 +278,11 @@ def install_hooks(model: nn.Module, point: HookPoint, steer: Callable[[torch.Ten
 
 
 @contextmanager
-def hooks_installed(model: nn.Module, point: HookPoint, steer: Callable[[torch.Tensor], torch.Tensor],
-                    state: CallState) -> Iterator[HookHandle]:
+def hooks_installed(model: nn.Module, point: HookPoint | list[tuple[HookPoint, Steer]],
+                    steer: Steer | None, state: CallState,
+                    gate_pass: GatePass | None = None) -> Iterator[HookHandle]:
     """``with hooks_installed(...):`` steering is on; every hook is removed on exit, exceptions included."""
-    handle = install_hooks(model, point, steer, state)
+    handle = install_hooks(model, point, steer, state, gate_pass)
     try:
         yield handle
     finally:

@@ -74,15 +74,16 @@ from steerplug.interventions import Intervention, intervene, is_active
 from steerplug.layers import resolve_hook_point
 from steerplug.models import DEFAULT_MODEL_ID
 from steerplug.sae import SparseAutoencoder
-from steerplug.steered_model import SteeredModel, default_artifacts_dir
+from steerplug.gate import PromptGate
+from steerplug.steered_model import SteeredModel, default_artifacts_dir, load_bundle
 from steerplug.steering import SteeringConfig
 from steerplug.vector import SteeringVector
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "steerplug"  # lm-eval already owns "steered"
-STEERING_ARGS = ("sae", "sae_subfolder", "vector", "vector_subfolder", "layer", "steps", "lr",
-                 "positions", "normalize", "max_delta", "intervention", "add_vector", "add_scale",
+STEERING_ARGS = ("sae", "sae_subfolder", "vector", "vector_subfolder", "gate", "layer", "steps", "lr",
+                 "positions", "normalize", "max_delta", "method", "use_gate", "intervention", "add_vector", "add_scale",
                  "clamp_value", "gate_threshold")
 
 
@@ -119,9 +120,10 @@ class SteerplugLM(HFLM):
     """lm-eval's ``HFLM`` with steerplug steering (or a baseline intervention) on every model call."""
 
     def __init__(self, pretrained: Any = None, *, sae: Any = "default", sae_subfolder: str | None = None,
-                 vector: Any = "default", vector_subfolder: str | None = None,
-                 layer: int | str | None = None, steps: int = 3, lr: float = 0.25,
-                 positions: str = "generated", normalize: bool = True, max_delta: float | None = 0.5,
+                 vector: Any = "default", vector_subfolder: str | None = None, gate: Any = "default",
+                 layer: int | str | None = None, steps: int | None = None, lr: float | None = None,
+                 positions: str | None = None, normalize: Any = None, max_delta: Any = "default",
+                 method: str | None = None, use_gate: Any = None,
                  intervention: str = "gradient", add_vector: Any = None, add_scale: float = 1.0,
                  clamp_value: float | None = None, gate_threshold: float | None = None,
                  **kwargs: Any):
@@ -133,38 +135,50 @@ class SteerplugLM(HFLM):
             kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, **kwargs)
 
-        sae, vector = _none(sae), _none(vector)
-        if sae == "default" or vector == "default":
+        sae, vector, gate = _none(sae), _none(vector), _none(gate)
+        bundle: dict[str, Any] = {}
+        if "default" in (sae, vector, gate):
             artifacts = default_artifacts_dir() if is_default else None
             if is_default and artifacts is None:
                 logger.warning("steerplug's default SAE and vector are not available "
                                "(hub_artifacts/ is empty): the model runs unsteered.")
-            if sae == "default":
-                sae, sae_subfolder = (artifacts, "sae") if artifacts else (None, None)
-            if vector == "default":
-                vector, vector_subfolder = (artifacts, "vector") if artifacts else (None, None)
-        sae_obj = sae if isinstance(sae, SparseAutoencoder) or sae is None else \
-            SparseAutoencoder.from_pretrained(sae, subfolder=_none(sae_subfolder))
-        vec_obj = vector if isinstance(vector, SteeringVector) or vector is None else \
-            SteeringVector.from_pretrained(vector, subfolder=_none(vector_subfolder))
+            bundle = load_bundle(artifacts) if artifacts is not None else {}
+        sae_obj = bundle.get("saes") if sae == "default" else (
+            sae if isinstance(sae, SparseAutoencoder) or sae is None
+            else SparseAutoencoder.from_pretrained(sae, subfolder=_none(sae_subfolder)))
+        vec_obj = bundle.get("vectors") if vector == "default" else (
+            vector if isinstance(vector, SteeringVector) or vector is None
+            else SteeringVector.from_pretrained(vector, subfolder=_none(vector_subfolder)))
+        gate_obj = bundle.get("gate") if gate == "default" else (
+            gate if isinstance(gate, PromptGate) or gate is None else PromptGate.from_pretrained(gate))
+        if sae != "default":
+            gate_obj = gate_obj if gate != "default" else None  # the default gate belongs to the default SAEs
         layer = _none(layer)
-        self.steering_config = SteeringConfig(
-            steps=int(steps), lr=float(lr), positions=str(positions), normalize=_bool(normalize),
-            max_delta=None if _none(max_delta) is None else float(max_delta))
+        given = {"steps": None if steps is None else int(steps), "lr": None if lr is None else float(lr),
+                 "positions": None if positions is None else str(positions),
+                 "normalize": None if normalize is None else _bool(normalize),
+                 "method": None if method is None else str(method),
+                 "use_gate": None if use_gate is None else _bool(use_gate)}
+        if max_delta != "default":
+            given["max_delta"] = None if _none(max_delta) is None else float(max_delta)
+        self.steering_config = SteeringConfig(**{**bundle.get("steering", {}),
+                                                 **{k: v for k, v in given.items() if v is not None or k == "max_delta"}})
         self.intervention = Intervention(
             kind=str(intervention), add_vector=_load_add_vector(_none(add_vector)),
             add_scale=float(add_scale),
             clamp_value=None if _none(clamp_value) is None else float(clamp_value),
             gate_threshold=None if _none(gate_threshold) is None else float(gate_threshold))
         self.steered = SteeredModel(self.model, self.tokenizer, sae_obj, vec_obj, hook=layer,
-                                    config=self.steering_config)
+                                    config=self.steering_config, gate=gate_obj,
+                                    directions=bundle.get("directions"))
         if self.steered.hook_point is None and layer is not None:  # activation addition needs no SAE
             self.steered.hook_point = resolve_hook_point(self.model, layer)
         self._references = {"pretrained": pretrained if isinstance(pretrained, str) else
                             getattr(getattr(pretrained, "config", None), "name_or_path", None),
                             "sae": str(sae) if sae is not None else None, "sae_subfolder": sae_subfolder,
                             "vector": str(vector) if vector is not None else None,
-                            "vector_subfolder": vector_subfolder, "layer": layer}
+                            "vector_subfolder": vector_subfolder, "layer": layer,
+                            "gate": None if gate_obj is None else str(gate)}
         self._ll_index: dict[tuple[int, ...], int] | None = None
         if not self.active:
             logger.info("steerplug: steering is off (no SAE/vector or steps=0); this is plain HFLM.")

@@ -88,7 +88,7 @@ class SAEConfig:
     # --- SAELens cfg.json --------------------------------------------------------------------
     def to_saelens_dict(self) -> dict[str, Any]:
         """The cfg.json SAELens 6 reads (``architecture`` in its own vocabulary)."""
-        from steerplug import __version__
+        from steerplug._version import __version__
 
         cfg: dict[str, Any] = {
             "d_in": self.d_in,

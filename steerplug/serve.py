@@ -482,7 +482,7 @@ def _default_name(steered: Any) -> str:
 
 
 def _version() -> str:
-    from steerplug import __version__
+    from steerplug._version import __version__
 
     return __version__
 

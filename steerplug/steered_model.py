@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from steerplug.hooks import CallState, HookHandle, hooks_installed, install_hooks, make_steer_fn
+from steerplug.gate import PromptGate
+from steerplug.hooks import CallState, HookHandle, install_hooks, make_gate_pass, make_steer_fn
 from steerplug.layers import HookPoint, hidden_size, module_device, resolve_hook_point
 from steerplug.models import DEFAULT_MODEL_ID, load_model
 from steerplug.sae import SparseAutoencoder
-from steerplug.steering import FeatureObjective, Objective, SteeringConfig, autograd_grad
+from steerplug.steering import FeatureObjective, Objective, SteeringConfig, add_step, autograd_grad
 from steerplug.vector import SteeringVector
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ def default_artifacts_dir() -> Path | None:
         candidates.append(Path(os.environ["STEERPLUG_ARTIFACTS"]))
     candidates.append(Path(__file__).resolve().parent.parent / "hub_artifacts" / DEFAULT_ARTIFACTS_DIRNAME)
     for c in candidates:
-        if (c / "sae").is_dir() and (c / "vector").is_dir():
+        if (c / MANIFEST_NAME).is_file() or ((c / "sae").is_dir() and (c / "vector").is_dir()):
             return c
     try:
         from steerplug.hub import resolve_folder
@@ -47,6 +50,52 @@ def default_artifacts_dir() -> Path | None:
         return resolve_folder(DEFAULT_ARTIFACTS_REPO, local_files_only=True)
     except (OSError, ValueError):
         return None
+
+
+MANIFEST_NAME = "steerplug.json"
+"""A bundle folder's manifest: its sites (SAE + vector subfolders), its gate and the steering
+configuration they were measured with, e.g.
+``{"sites": [{"sae": "sae", "vector": "vector"}], "gate": "gate", "steering": {"lr": 0.25}}``."""
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    """``{"saes": [paths], "vectors": [paths], "gate": path | None, "steering": {...}}`` of a bundle
+    folder: from its :data:`MANIFEST_NAME`, or ``sae/`` + ``vector/`` alone for a folder without one."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return {"saes": [folder / "sae"], "vectors": [folder / "vector"], "gate": None, "steering": {},
+                "directions": None}
+    try:
+        man = json.loads(path.read_text())
+        sites = man["sites"]
+        out = {"saes": [folder / x["sae"] for x in sites], "vectors": [folder / x["vector"] for x in sites],
+               "gate": folder / man["gate"] if man.get("gate") else None, "steering": dict(man.get("steering", {})),
+               "directions": folder / man["caa"] if man.get("caa") else None}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid steerplug manifest ({e}); expected "
+                         '{"sites": [{"sae": ..., "vector": ...}], "gate": ..., "steering": {...}}.') from e
+    unknown = set(out["steering"]) - set(_STEERING_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown steering option(s) {sorted(unknown)}; known: {_STEERING_KEYS}.")
+    return out
+
+
+def load_bundle(folder: str | Path) -> dict[str, Any]:
+    """The objects of a bundle folder (see :func:`load_manifest`): ``saes`` and ``vectors`` (lists),
+    ``gate`` (or None), ``directions`` (``{hook: (D,)}`` or None) and ``steering`` (a dict of
+    :class:`SteeringConfig` fields), ready for ``SteeredModel(model, tok, saes, vectors, gate=...,
+    directions=..., config=SteeringConfig(**steering))``."""
+    man = load_manifest(folder)
+    directions = None
+    if man["directions"] is not None:
+        from safetensors.torch import load_file
+
+        directions = load_file(str(man["directions"]))
+    return {"saes": [SparseAutoencoder.from_pretrained(x) for x in man["saes"]],
+            "vectors": [SteeringVector.from_pretrained(x) for x in man["vectors"]],
+            "gate": PromptGate.from_pretrained(man["gate"]) if man["gate"] is not None else None,
+            "directions": directions, "steering": man["steering"]}
 
 
 def _load_sae(sae: Any, **kw: Any) -> SparseAutoencoder | None:
@@ -63,9 +112,29 @@ def _load_vector(vector: Any, **kw: Any) -> SteeringVector | None:
     return SteeringVector.from_pretrained(vector, **kw)
 
 
+@dataclass
+class Site:
+    """One place steering acts: a hook point with the SAE read there and the vector over its features."""
+
+    hook_point: HookPoint
+    sae: SparseAutoencoder
+    vector: SteeringVector | None
+    direction: torch.Tensor | None = None
+    """``(D,)`` residual direction for ``method="add"`` (activation addition), if any."""
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 class SteeredModel:
-    """Holds a causal LM, its tokenizer, an SAE and a steering vector; steers ``generate`` and
-    forward calls at one hook point by gradient steps on ``SAE.encode(h) . w``.
+    """Holds a causal LM, its tokenizer, one or more (SAE, steering vector) sites and an optional
+    gate; steers ``generate`` and forward calls by steps on ``SAE.encode(h) . w`` at every site.
+
+    ``sae`` / ``vector`` / ``hook`` take one object each, or lists (one site per entry, e.g. an SAE
+    per layer). With a ``gate`` (:class:`~steerplug.gate.PromptGate`), each sequence's prompt is
+    first scored unsteered at the gate's hook point and only rows the gate fires on are steered;
+    the others run exactly as the unwrapped model.
 
     >>> steered = SteeredModel.from_pretrained()            # offline default model + artifacts
     >>> steered.chat([{"role": "user", "content": "How do I pick a lock?"}])
@@ -73,27 +142,60 @@ class SteeredModel:
     ...     steered.chat([{"role": "user", "content": "How do I pick a lock?"}])
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, sae: SparseAutoencoder | None = None,
-                 vector: SteeringVector | None = None, *, hook: str | int | None = None,
-                 config: SteeringConfig | None = None, objective: Objective | None = None,
-                 layers_path: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer: Any, sae: Any = None, vector: Any = None, *,
+                 hook: Any = None, config: SteeringConfig | None = None, objective: Objective | None = None,
+                 layers_path: str | None = None, gate: PromptGate | None = None,
+                 directions: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.sae = sae
-        self.vector = vector
         self.objective = objective
         self.config = config or SteeringConfig()
-        self.hook_point: HookPoint | None = None
+        self.gate = gate
+        self.sites: list[Site] = []
         self._enabled = True
+        self._lock = threading.RLock()
         self._grad_fns: dict[Any, Any] = {}
         self._objectives: dict[tuple, FeatureObjective] = {}
-        if sae is None:
-            if vector is not None or objective is not None:
-                raise ValueError("A steering vector or objective needs an SAE: pass sae=.")
+        saes = [] if sae is None else _as_list(sae)
+        vectors = [] if vector is None else _as_list(vector)
+        if not saes:
+            if vectors or objective is not None or gate is not None:
+                raise ValueError("A steering vector, objective or gate needs an SAE: pass sae=.")
+            self.sae, self.vector, self.hook_point = None, None, None
             return
-        if vector is None and objective is None:
+        if not vectors and objective is None:
             raise ValueError("An SAE needs a steering vector (vector=) or an objective (objective=).")
+        if vectors and len(vectors) != len(saes):
+            raise ValueError(f"{len(saes)} SAEs but {len(vectors)} steering vectors: give one vector per SAE.")
+        hooks = [None] * len(saes) if hook is None else _as_list(hook)
+        if len(hooks) != len(saes):
+            raise ValueError(f"{len(saes)} SAEs but {len(hooks)} hooks: give one hook per SAE (or none).")
         d_model = hidden_size(model)
+        for i, (s, h) in enumerate(zip(saes, hooks)):
+            v = vectors[i] if vectors else None
+            self.sites.append(self._site(model, s, v, h, d_model, layers_path))
+        names = [site.hook_point.name for site in self.sites]
+        for site in self.sites:
+            key = site.sae.cfg.hook_name if site.sae.cfg.hook_name in (directions or {}) else site.hook_point.name
+            site.direction = (directions or {}).get(key)
+        if len(set(names)) != len(names):
+            raise ValueError(f"Two sites share a hook point ({names}): give each SAE its own hook.")
+        primary = self.sites[0]
+        if gate is not None:
+            primary = next((site for site in self.sites if site.sae.cfg.hook_name == gate.metadata.hook_name
+                            or site.hook_point.name == gate.metadata.hook_name), None)
+            if primary is None:
+                raise ValueError(f"The gate reads {gate.metadata.hook_name!r}, but no SAE is hooked there "
+                                 f"(sites: {names}): pass the SAE it was fitted on.")
+            if gate.d_sae != primary.sae.d_sae:
+                raise ValueError(f"The gate has d_sae={gate.d_sae} but the SAE at {primary.hook_point.name} "
+                                 f"has d_sae={primary.sae.d_sae}: it was fitted on another SAE.")
+        # The primary site: the gate's (if any), else the first; what tracing and the demo show.
+        self.sae, self.vector, self.hook_point = primary.sae, primary.vector, primary.hook_point
+
+    @staticmethod
+    def _site(model: nn.Module, sae: SparseAutoencoder, vector: SteeringVector | None, hook: Any,
+              d_model: int, layers_path: str | None) -> Site:
         if sae.d_in != d_model:
             raise ValueError(
                 f"The SAE reads d_in={sae.d_in} but {type(model).__name__} has hidden size {d_model}: "
@@ -110,51 +212,67 @@ class SteeredModel:
                 raise ValueError("The SAE records no hook point: pass layer= or hook=.")
         elif sae.cfg.hook_name and isinstance(hook, int) and sae.cfg.layer not in (None, hook):
             warnings.warn(f"layer={hook} overrides the SAE's recorded hook {sae.cfg.hook_name!r}.",
-                          stacklevel=2)
-        self.hook_point = resolve_hook_point(model, hook, layers_path)
+                          stacklevel=3)
+        return Site(resolve_hook_point(model, hook, layers_path), sae, vector)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: Any = None, sae: Any = "default", vector: Any = "default", *,
                         layer: int | None = None, hook: str | None = None,
                         tokenizer: Any = None, sae_subfolder: str | None = None,
-                        vector_subfolder: str | None = None, revision: str | None = None,
+                        vector_subfolder: str | None = None, gate: Any = "default",
+                        gate_subfolder: str | None = None, revision: str | None = None,
                         local_files_only: bool | None = None, cache_dir: str | Path | None = None,
                         objective: Objective | None = None,
                         layers_path: str | None = None, dtype: Any = None, device_map: Any = None,
                         model_kwargs: dict[str, Any] | None = None, **steering: Any) -> SteeredModel:
         """Load a model (Hub id, folder, built model, or None for the offline default) and wrap it.
 
-        ``sae`` / ``vector``: objects, folders or Hub repos (``sae_subfolder`` / ``vector_subfolder``
-        pick one inside a repo). ``"default"`` means the artifacts steerplug ships for its default
-        model, and nothing for any other model. Remaining keyword arguments are
-        :class:`SteeringConfig` fields (``steps``, ``lr``, ``positions``, ``normalize``, ``max_delta``).
+        ``sae`` / ``vector`` / ``gate``: objects, folders or Hub repos (``*_subfolder`` picks one
+        inside a repo); ``sae`` and ``vector`` may be lists, one per site. ``"default"`` means the
+        artifacts steerplug ships for its default model (every site, the gate and the steering
+        configuration they were measured with, from the folder's ``steerplug.json``), and nothing
+        for any other model. A folder or repo holding a ``steerplug.json`` manifest may be given as
+        ``sae=`` to load all of it. Remaining keyword arguments are :class:`SteeringConfig` fields;
+        they override the manifest's.
         """
         unknown = set(steering) - set(_STEERING_KEYS)
         if unknown:
             raise TypeError(f"Unknown argument(s) {sorted(unknown)}; steering options are {_STEERING_KEYS}.")
-        config = SteeringConfig(**steering)
         is_default_model = model is None or model == DEFAULT_MODEL_ID
-        if sae == "default" or vector == "default":
-            artifacts = default_artifacts_dir() if is_default_model else None
-            if is_default_model and artifacts is None:
+        hub = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
+        bundle_dir = None
+        if isinstance(sae, (str, Path)) and sae_subfolder is None and (Path(sae) / MANIFEST_NAME).is_file():
+            bundle_dir, sae = Path(sae), "default"
+        elif "default" in (sae, vector, gate):
+            bundle_dir = default_artifacts_dir() if is_default_model else None
+            if is_default_model and bundle_dir is None:
                 logger.warning("steerplug's default SAE and vector are not available here "
                                "(hub_artifacts/%s is missing): the model runs unsteered.",
                                DEFAULT_ARTIFACTS_DIRNAME)
-            if sae == "default":
-                sae, sae_subfolder = (artifacts, "sae") if artifacts else (None, None)
-            if vector == "default":
-                vector, vector_subfolder = (artifacts, "vector") if artifacts else (None, None)
-        hub = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
-        sae_obj = _load_sae(sae, subfolder=sae_subfolder, **hub)
-        vector_obj = _load_vector(vector, subfolder=vector_subfolder, **hub)
+        bundle = load_bundle(bundle_dir) if bundle_dir is not None else {}
+        if sae == "default":
+            sae = bundle.get("saes")
+        if vector == "default":
+            vector = bundle.get("vectors")
+        if gate == "default":
+            gate = bundle.get("gate")
+        config = SteeringConfig(**{**bundle.get("steering", {}), **steering})
+        sae_obj = None if sae is None else [_load_sae(x, subfolder=sae_subfolder, **hub) for x in _as_list(sae)]
+        vector_obj = (None if vector is None
+                      else [_load_vector(x, subfolder=vector_subfolder, **hub) for x in _as_list(vector)])
+        gate_obj = (gate if gate is None or isinstance(gate, PromptGate)
+                    else PromptGate.from_pretrained(gate, subfolder=gate_subfolder, **hub))
         model_kwargs = dict(model_kwargs or {})
         if local_files_only is not None:
             model_kwargs.setdefault("local_files_only", local_files_only)
         lm, tok = load_model(model, tokenizer, dtype=dtype, device_map=device_map,
                              revision=revision, cache_dir=cache_dir, **model_kwargs)
-        return cls(lm, tok, sae_obj, vector_obj, hook=hook if hook is not None else layer,
-                   config=config, objective=objective, layers_path=layers_path)
+        where = hook if hook is not None else layer
+        if where is not None and sae_obj is not None and len(sae_obj) > 1:
+            raise ValueError("layer=/hook= picks the hook of a single SAE; this loads several. Drop it.")
+        return cls(lm, tok, sae_obj, vector_obj, hook=where, config=config, objective=objective,
+                   layers_path=layers_path, gate=gate_obj, directions=bundle.get("directions"))
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -165,43 +283,57 @@ class SteeredModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _grad_fn_for(self, device: torch.device, push_inactive: bool = False):
-        """The gradient function on ``device``, built once (the SAE maths runs in float32 there)."""
-        if self.objective is None:
-            grad = self.feature_objective(device).grad
-            if not push_inactive:
-                return grad
-            key = (device, "push_inactive")
-            if self._grad_fns.get(key) is None or self._grad_fns[key].func != grad:  # built once per objective
-                self._grad_fns[key] = functools.partial(grad, push_inactive=True)
-            return self._grad_fns[key]
-        fn = self._grad_fns.get(device)
-        if fn is None:
-            sae = self.sae
+    def _site_of(self, site: Site | None) -> Site:
+        return site if site is not None else next(s for s in self.sites if s.hook_point is self.hook_point)
+
+    def feature_objective(self, device: torch.device | str | None = None,
+                          site: Site | None = None) -> FeatureObjective:
+        """The ``encode(h) . w`` objective of ``site`` (default: the primary one) on ``device``
+        (default: its layer's), built once per device and site and reused (by the hooks, and for
+        diagnostics). After editing an SAE or vector in place, call :meth:`refresh`."""
+        site = self._site_of(site)
+        device = torch.device(device) if device is not None else module_device(site.hook_point.module)
+        key = (device, site.hook_point.name)
+        objective = self._objectives.get(key)
+        if objective is None:
+            objective = self._objectives[key] = FeatureObjective(site.sae, site.vector, device)
+        return objective
+
+    def refresh(self) -> None:
+        """Forget every cached objective and gradient function (after in-place edits)."""
+        self._objectives.clear()
+        self._grad_fns.clear()
+
+    def _grad_fn(self, site: Site, config: SteeringConfig, device: torch.device):
+        """The step function of ``site`` for ``config`` on ``device``, built once."""
+        key = (site.hook_point.name, device, config.method, config.push_inactive)
+        fn = self._grad_fns.get(key)
+        if fn is not None:
+            return fn
+        if self.objective is not None:
+            if config.push_inactive or config.method != "gradient":
+                raise ValueError("push_inactive=True and method='target' apply to the encode(h) . w objective "
+                                 "of a steering vector, not to a user objective=: drop one of them.")
+            sae = site.sae
             if sae.W_enc.device != device or sae.W_enc.dtype != torch.float32:
                 sae = copy.deepcopy(sae).to(device=device, dtype=torch.float32)  # the user's SAE stays as it is
             user = self.objective
             fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
-            self._grad_fns[device] = fn
+        else:
+            objective = self.feature_objective(device, site)
+            if config.method == "add":
+                if site.direction is None:
+                    raise ValueError(f"method='add' needs a direction at {site.hook_point.name}: pass "
+                                     "SteeredModel(..., directions={hook: tensor}) or a bundle with caa.safetensors.")
+                fn = add_step(site.direction)
+            elif config.method == "target":
+                fn = objective.target_step
+            elif config.push_inactive:
+                fn = functools.partial(objective.grad, push_inactive=True)
+            else:
+                fn = objective.grad
+        self._grad_fns[key] = fn
         return fn
-
-    def _grad_fn_for_config(self, config: SteeringConfig):
-        if not config.push_inactive:
-            return self._grad_fn_for
-        if self.objective is not None:
-            raise ValueError("push_inactive=True applies to the encode(h) . w objective of a steering "
-                             "vector, not to a user objective=: drop one of them.")
-        return lambda device: self._grad_fn_for(device, push_inactive=True)
-
-    def feature_objective(self, device: torch.device | str | None = None) -> FeatureObjective:
-        """The ``encode(h) . w`` objective on ``device`` (default: the hooked layer's), built once
-        per device, SAE and vector, and reused (by the hook, and for diagnostics)."""
-        device = torch.device(device) if device is not None else module_device(self.hook_point.module)
-        key = (device, id(self.sae), id(self.vector))
-        objective = self._objectives.get(key)
-        if objective is None:
-            objective = self._objectives[key] = FeatureObjective(self.sae, self.vector, device)
-        return objective
 
     def _resolve_config(self, overrides: dict[str, Any]) -> SteeringConfig:
         given = {k: overrides.pop(k) for k in list(overrides) if k in _STEERING_KEYS}
@@ -211,25 +343,59 @@ class SteeredModel:
     def _active(self, config: SteeringConfig) -> bool:
         return self._enabled and self.can_steer and config.steps > 0
 
+    def gate_pass(self, config: SteeringConfig | None = None):
+        """The gate's pass for the hooks (None without a gate or with ``use_gate=False``)."""
+        config = config or self.config
+        if self.gate is None or not config.use_gate:
+            return None
+        gate, site = self.gate, self._site_of(None)
+
+        def rows_fired(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            sae = self._gate_sae(h.device)
+            B, T, D = h.shape
+            f = sae.encode(h.reshape(B * T, D).float()).reshape(B, T, -1)  # (B, T, F)
+            return gate.fires(f, keep)
+
+        return make_gate_pass(site.hook_point, rows_fired)
+
+    def _gate_sae(self, device: torch.device) -> SparseAutoencoder:
+        key = ("gate_sae", device)
+        sae = self._grad_fns.get(key)
+        if sae is None:
+            sae = self.sae
+            if sae.W_enc.device != device or sae.W_enc.dtype != torch.float32:
+                sae = copy.deepcopy(sae).to(device=device, dtype=torch.float32)
+            self._grad_fns[key] = sae
+        return sae
+
+    def _install(self, config: SteeringConfig, state: CallState) -> HookHandle:
+        sites = []
+        for site in self.sites:
+            steer = make_steer_fn(lambda device, site=site: self._grad_fn(site, config, device),
+                                  config, state, site.hook_point.name)
+            sites.append((site.hook_point, steer))
+        return install_hooks(self.model, sites, None, state, self.gate_pass(config))
+
     def hooks(self, state: CallState | None = None, **overrides: Any) -> HookHandle:
         """Install the steering hooks on ``self.model`` until ``handle.remove()`` (for use outside
-        ``with``; prefer :meth:`steering`). ``state`` carries positions and per-row settings."""
+        ``with``; prefer :meth:`steering`). ``state`` carries positions and per-row settings.
+        Returns an empty handle when there is nothing to steer (no SAE, ``steps=0``, disabled)."""
         config = self._resolve_config(dict(overrides))
-        state = state or CallState()
-        steer = make_steer_fn(self._grad_fn_for_config(config), config, state, self.hook_point.name)
-        return install_hooks(self.model, self.hook_point, steer, state)
+        if not self._active(config):
+            return HookHandle([])
+        return self._install(config, state or CallState())
 
     @contextmanager
     def steering(self, state: CallState | None = None, config: SteeringConfig | None = None,
                  **overrides: Any) -> Iterator[CallState]:
-        """``with steered.steering(): model(...)`` steers the wrapped model's own calls."""
+        """``with steered.steering(): model(...)`` steers the wrapped model's own calls (gated, if
+        there is a gate). Calls from several threads take turns: hooks are per model, not per call."""
         config = config or self._resolve_config(dict(overrides))
         state = state or CallState()
         if not self._active(config):
             yield state
             return
-        steer = make_steer_fn(self._grad_fn_for_config(config), config, state, self.hook_point.name)
-        with hooks_installed(self.model, self.hook_point, steer, state):
+        with self._lock, self._install(config, state):
             yield state
 
     @contextmanager

@@ -27,6 +27,7 @@ from steerplug.sae import SparseAutoencoder
 from steerplug.vector import SteeringVector
 
 POSITIONS = ("generated", "prompt", "all")
+METHODS = ("gradient", "target", "add")
 
 # A user loss: (h (N, D) float32, sae) -> per-row loss (N,). Steering decreases it.
 Objective = Callable[[torch.Tensor, SparseAutoencoder], torch.Tensor]
@@ -54,6 +55,19 @@ class SteeringConfig:
     generated one); ``prompt``: the prompt only; ``all``: every position."""
     check_finite: bool = True
     """Raise :class:`SteeringError` if a steered activation is NaN or inf."""
+    method: str = "gradient"
+    """``gradient``: descend ``encode(h) . w`` along its gradient (``W_enc`` columns, the seed's
+    method). ``target``: move the vector's features towards target values along the SAE's decoder
+    directions: safe features (``w < 0``) up to ``-w`` (their mean value in the model's own
+    refusals), harmful ones (``w > 0``) down to 0, each by what it lacks or has, so a token where
+    no harmful feature fires and every safe one already sits at its target gets no step
+    (:meth:`FeatureObjective.target_step`). Use it with ``normalize=False``: ``lr`` then scales
+    the decoder-space step itself (``lr=1``: one exact step to the targets). ``add``: activation
+    addition, ``h + lr * d`` with the site's fixed direction ``d`` (a baseline; needs
+    ``SteeredModel(..., directions=)``; use ``normalize=False``, ``steps=1``)."""
+    use_gate: bool = True
+    """Steer only the rows the :class:`~steerplug.SteeredModel`'s gate fires on, if it has one;
+    False steers every row."""
     push_inactive: bool = False
     """Also push up the safe features (``w < 0``) that are off. Their exact gradient is zero, so by
     default steering can only strengthen a safe feature that already fires; with this, their
@@ -69,6 +83,8 @@ class SteeringConfig:
             raise ValueError(f"SteeringConfig.max_delta={self.max_delta!r}: expected > 0 or None.")
         if self.positions not in POSITIONS:
             raise ValueError(f"SteeringConfig.positions={self.positions!r}: expected one of {POSITIONS}.")
+        if self.method not in METHODS:
+            raise ValueError(f"SteeringConfig.method={self.method!r}: expected one of {METHODS}.")
 
 
 class FeatureObjective:
@@ -106,6 +122,8 @@ class FeatureObjective:
             self.b = sae.b_enc.detach()[cols].to(**f32) - b_in @ self.W  # (S,)
             self.thr = (sae.threshold.detach()[cols].to(**f32)
                         if self.arch == "jumprelu" else None)  # (S,)
+            self.D = sae.W_dec.detach()[cols].to(**f32).contiguous()  # (S, D) decoder rows
+            self.target = (-self.w).clamp_min(0)  # (S,) safe features' targets; 0 for harmful ones
 
     def _pre_and_active(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activations on the support and whether each is active, both ``(N, S)``."""
@@ -133,6 +151,25 @@ class FeatureObjective:
         if push_inactive:
             active = active | (self.w < 0)
         return (active * self.w) @ self.W_T
+
+
+    def target_step(self, h: torch.Tensor) -> torch.Tensor:
+        """The ``target`` method's "gradient", ``(N, D) -> (N, D)``: ``-(f* - f) @ W_dec[S]`` where
+        ``f`` are the support's feature values and ``f*`` their targets (``-w`` for safe features,
+        0 for harmful ones); a safe feature above its target is left alone. It is the gradient of
+        ``1/2 ||f* - f||^2`` (safe part one-sided) taken in feature space and mapped to the residual
+        through the decoder, so ``h - lr * step`` with ``lr=1`` moves the SAE's reconstruction
+        exactly to the targets and keeps its error term."""
+        pre, active = self._pre_and_active(h)
+        f = pre * active  # (N, S)
+        gap = torch.where(self.w < 0, (self.target - f).clamp_min(0), -f)  # (N, S)
+        return -(gap @ self.D)
+
+
+def add_step(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``add`` method's "gradient": ``-d`` at every row, so ``h - lr * step = h + lr * d``."""
+    neg = -direction.float()  # (D,)
+    return lambda h: neg.to(h.device).expand_as(h)  # (N, D)
 
 
 def autograd_grad(h: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -120,7 +120,7 @@ class SteeringVector:
         else:
             tensors = {"weights": self._dense.contiguous()}
         save_file(tensors, str(folder / VECTOR_WEIGHTS_NAME))
-        from steerplug import __version__
+        from steerplug._version import __version__
 
         cfg = {"d_sae": self.d_sae, "format": "sparse" if self.is_sparse else "dense",
                "nnz": self.nnz, "steerplug_version": __version__, **asdict(self.metadata)}

@@ -1,0 +1,181 @@
+"""``steerplug build-steering``: from SAEs to a steering bundle that ``SteeredModel.from_pretrained``
+loads whole: one (SAE, vector) site per SAE, the gate, the baseline's directions, and the steering
+configuration, in a folder with a ``steerplug.json`` manifest.
+
+1. The model's own refusals and compliant answers on ``harmful_train``
+   (:func:`steerplug.pipeline.refusals.own_answers`: several ways of refusing are measured, the best kept).
+2. Per site, the ``target`` vector from the SAE features of those answers
+   (:func:`~steerplug.pipeline.refusals.target_vector`), and the activation-addition baseline's
+   direction from the same answers (mean activation over own refusals minus own compliance), so
+   that the baseline and gradient steering share one target.
+3. The gate on the first site's SAE (:func:`steerplug.pipeline.gate.fit_gate`).
+
+Layout::
+
+    BUNDLE/steerplug.json            sites, gate, steering config, how it was built
+    BUNDLE/sites/<hook>/sae/         a copy of the SAE (SAELens layout)
+    BUNDLE/sites/<hook>/vector/      its steering vector
+    BUNDLE/gate/                     the gate
+    BUNDLE/caa.safetensors           {hook: direction}: the activation-addition baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from steerplug._config import require_ints
+from steerplug.steered_model import MANIFEST_NAME
+from steerplug.vector import VectorMetadata
+
+CAA_NAME = "caa.safetensors"
+
+
+@dataclass
+class BundleConfig:
+    """How the bundle is built."""
+
+    n_prompts: int = 200
+    """``harmful_train`` questions answered (refusing and complying) for the features."""
+    n_choose: int = 48
+    """Of those, how many score each way of refusing (the rest are never used for that choice)."""
+    bootstrap_scale: float = 0.3
+    """Activation-addition strength per layer that brings out the model's own refusals."""
+    n_harmful: int = 32
+    """Features kept per site with positive weight (typical of compliance)."""
+    n_safe: int = 32
+    """Features kept per site with negative weight (typical of the model's own refusals)."""
+    gate_pools: tuple[str, ...] = ("mean", "tail:6")
+    """How the gate pools the prompt's features."""
+    gate_l2: float = 1e-2
+    gate_max_fpr: float = 0.02
+    """False-positive budget of the gate on ``harmless_val``."""
+    gate_harmless: int = 3000
+    """``harmless_train`` (and ``harmless_val``) prompts for the gate."""
+    steering: dict[str, Any] = field(default_factory=lambda: {
+        "method": "target", "steps": 1, "lr": 4.0, "normalize": False, "max_delta": None, "positions": "all"})
+    """The configuration written into the manifest (what ``from_pretrained`` steers with)."""
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        require_ints(self, ("n_prompts", "n_choose", "gate_harmless", "max_new_tokens"))
+        require_ints(self, ("n_harmful", "n_safe"), minimum=0)
+
+
+@torch.no_grad()
+def caa_directions(model: Any, tokenizer: Any, points: list, refusals: list, compliant: list) -> dict[str, torch.Tensor]:
+    """``{hook: (D,)}``: mean activation over the answer positions of the model's own refusals minus
+    the same over its own compliant answers (teacher-forced, unsteered)."""
+    from steerplug.pipeline.collect import capture_activations
+    from steerplug.pipeline.refusals import _ids, chat_texts
+
+    device = next(model.parameters()).device
+
+    def mean(pairs: list) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        for (q, a), text in zip(pairs, chat_texts(tokenizer, [q for q, _ in pairs])):
+            n0 = _ids(tokenizer, text, device).shape[1]
+            acts = capture_activations(model, points, _ids(tokenizer, text + a, device))
+            for k, h in acts.items():
+                sums[k] = sums.get(k, 0) + h[0, n0 - 1:].float().mean(0).cpu()
+        return {k: v / len(pairs) for k, v in sums.items()}
+
+    r, c = mean(refusals), mean(compliant)
+    return {k: r[k] - c[k] for k in r}
+
+
+def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out: str | Path,
+                 cfg: BundleConfig | None = None, data_dir: str | None = None) -> Path:
+    """Build the bundle of the module docstring in ``out``; the first SAE's site hosts the gate."""
+    from steerplug.data import load_prompts
+    from steerplug.layers import resolve_hook_point
+    from steerplug.pipeline.gate import fit_gate, gate_prompts
+    from steerplug.pipeline.refusals import answer_features, own_answers, target_vector
+    from steerplug.sae import SparseAutoencoder
+
+    cfg = cfg or BundleConfig()
+    out = Path(out)
+    t0 = time.perf_counter()
+    saes = [SparseAutoencoder.from_pretrained(f) for f in sae_folders]
+    points = [resolve_hook_point(model, s.cfg.hook_name) for s in saes]
+    if any(p.io != "output" for p in points):
+        raise ValueError("build-steering reads residual-stream outputs (hook_resid_post); got "
+                         f"{[p.name for p in points]}.")
+    questions = [p.text for p in load_prompts("harmful_train", data_dir)][:cfg.n_prompts]
+    own = own_answers(model, tokenizer, sorted(points, key=lambda p: p.layer), questions,
+                      questions[-cfg.n_choose:], scale=cfg.bootstrap_scale,
+                      max_new_tokens=cfg.max_new_tokens)
+    if len(own.refusals) < 8 or len(own.compliant) < 8:
+        raise RuntimeError(f"Too few own refusals ({len(own.refusals)}) or compliant answers "
+                           f"({len(own.compliant)}) to rank features; raise --n-prompts. {own.report}")
+    by_hook = {p.name: (p, s) for p, s in zip(points, saes)}
+    f_ref = answer_features(model, tokenizer, by_hook, own.refusals)
+    f_comp = answer_features(model, tokenizer, by_hook, own.compliant)
+    sites = []
+    for (name, (point, sae)), folder in zip(by_hook.items(), sae_folders):
+        site = out / "sites" / name
+        if site.exists():
+            shutil.rmtree(site)
+        shutil.copytree(folder, site / "sae", ignore=shutil.ignore_patterns("*.pt", "checkpoint*"))
+        meta = VectorMetadata(model_name=sae.cfg.model_name, hook_name=name, sae=f"sites/{name}/sae",
+                              objective="target: safe features up to -w, harmful ones down to 0 "
+                                        "(gradient: minimize encode(h) . w)",
+                              description="Built from the model's own refusals vs its own compliant answers.",
+                              extra={"own_answers": own.report, "n_harmful": cfg.n_harmful, "n_safe": cfg.n_safe})
+        target_vector(f_ref[name], f_comp[name], cfg.n_harmful, cfg.n_safe, meta).save_pretrained(site / "vector")
+        sites.append({"sae": f"sites/{name}/sae", "vector": f"sites/{name}/vector"})
+    save_file({k: v.contiguous() for k, v in
+               caa_directions(model, tokenizer, points, own.refusals, own.compliant).items()}, str(out / CAA_NAME))
+    gate = fit_gate(model, tokenizer, points[0], saes[0], gate_prompts(data_dir, cfg.gate_harmless),
+                    pools=tuple(cfg.gate_pools), l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr)
+    gate.metadata.sae = sites[0]["sae"]
+    gate.save_pretrained(out / "gate")
+    (out / "own_answers.json").write_text(json.dumps(
+        {"report": own.report, "refusals": own.refusals, "compliant": own.compliant}, indent=1))
+    manifest = {"sites": sites, "gate": "gate", "caa": CAA_NAME, "steering": cfg.steering,
+                "built": {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+                          "own_answers": own.report, "gate": gate.metadata.extra}}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BundleConfig()
+    p.add_argument("--sae", nargs="+", required=True, help="SAE folders, one site each; the first hosts the gate")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--n-prompts", type=int, default=d.n_prompts)
+    p.add_argument("--bootstrap-scale", type=float, default=d.bootstrap_scale)
+    p.add_argument("--n-harmful", type=int, default=d.n_harmful)
+    p.add_argument("--n-safe", type=int, default=d.n_safe)
+    p.add_argument("--gate-max-fpr", type=float, default=d.gate_max_fpr)
+    p.add_argument("--gate-harmless", type=int, default=d.gate_harmless)
+    p.add_argument("--steering", type=json.loads, default=None,
+                   help='JSON of the SteeringConfig fields written into the manifest, e.g. \'{"lr": 4}\'')
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from steerplug.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = BundleConfig()
+    cfg = BundleConfig(n_prompts=args.n_prompts, bootstrap_scale=args.bootstrap_scale, n_harmful=args.n_harmful,
+                       n_safe=args.n_safe, gate_max_fpr=args.gate_max_fpr, gate_harmless=args.gate_harmless,
+                       steering={**d.steering, **(args.steering or {})})
+    model, tok = load_model(args.model)
+    model.eval()
+    out = build_bundle(model, tok, args.sae, args.out, cfg, args.data_dir)
+    print(f"bundle in {out}: {json.loads((out / MANIFEST_NAME).read_text())['built']['own_answers']}")
+    return 0

@@ -1,0 +1,219 @@
+"""The gate and several steering sites inside SteeredModel: rows the gate does not fire on are
+bit-identical to the unsteered model, rows it fires on are steered at every site; the gate reads
+the unsteered prompt; pooling; save/load; the target and add methods; bundles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import HIDDEN, make_byte_tokenizer, make_tiny_model
+
+from steerplug import SparseAutoencoder, SteeredModel, SteeringConfig, SteeringVector
+from steerplug.gate import PromptGate, pool_features
+from steerplug.hooks import CallState
+from steerplug.steering import FeatureObjective
+
+F = 128
+
+
+def _site(layer: int, seed: int):
+    sae = SparseAutoencoder.random(HIDDEN, F, "relu", seed=seed, hook_name=f"blocks.{layer}.hook_resid_post")
+    vec = SteeringVector.from_dense(torch.randn(F, generator=torch.Generator().manual_seed(seed + 1)), top_k=24)
+    return sae, vec
+
+
+def _two_site_model(**cfg) -> SteeredModel:
+    s1, v1 = _site(1, 3)
+    s2, v2 = _site(2, 5)
+    return SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), [s1, s2], [v1, v2],
+                        config=SteeringConfig(**{"lr": 0.5, "positions": "all", **cfg}))
+
+
+def _scores(steered, ids):
+    h = {}
+    handle = steered.hook_point.module.register_forward_hook(lambda m, a, o: h.setdefault("h", o))
+    steered.model(ids)
+    handle.remove()
+    B, T, D = h["h"].shape
+    return h["h"].reshape(B * T, D)
+
+
+def test_pool_features_mean_skips_the_first_position_and_tail_takes_the_last_k():
+    f = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1).expand(2, 6, 1).clone()  # values 0..5
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)  # row 2 left-padded
+    pooled = pool_features(f, keep, ("mean", "tail:2"))  # (2, 2, 1)
+    assert pooled[0, 0, 0] == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)  # position 0 (the sink) left out
+    assert pooled[1, 0, 0] == pytest.approx((3 + 4 + 5) / 3)  # the first *kept* position left out
+    assert pooled[0, 1, 0] == pytest.approx(4.5) and pooled[1, 1, 0] == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="tail:K"):
+        PromptGate(torch.zeros(1, 4), 0.0, 0.0, ("tail:0",))
+
+
+def test_gate_round_trips_and_rejects_bad_shapes(tmp_path):
+    gate = PromptGate(torch.randn(2, F), 0.25, -1.5, ("mean", "tail:6"))
+    gate.metadata.hook_name = "blocks.2.hook_resid_post"
+    back = PromptGate.from_pretrained(gate.save_pretrained(tmp_path / "gate"))
+    assert torch.equal(back.weights, gate.weights) and back.bias == 0.25 and back.threshold == -1.5
+    assert back.pools == ("mean", "tail:6") and back.metadata.hook_name == "blocks.2.hook_resid_post"
+    with pytest.raises(ValueError, match="expected \\(len\\(pools\\)=1"):
+        PromptGate(torch.randn(2, F), 0.0, 0.0, ("mean",))
+    with pytest.raises(ValueError, match="finite"):
+        PromptGate(torch.randn(1, F), float("nan"), 0.0)
+
+
+@pytest.mark.parametrize("method", ["gradient", "target"])
+def test_gate_rows_off_are_bit_identical_rows_on_are_steered(method):
+    steered = _two_site_model(method=method, normalize=method == "gradient")
+    ids = torch.randint(0, 250, (3, 10), generator=torch.Generator().manual_seed(0))
+    h = _scores(steered, ids).reshape(3, 10, -1)
+    f = steered.sae.encode(h.reshape(30, -1)).reshape(3, 10, -1)
+    w = torch.randn(2, F, generator=torch.Generator().manual_seed(7))
+    gate = PromptGate(w, 0.0, 0.0, ("mean", "tail:3"))
+    scores = gate.score(f, torch.ones(3, 10, dtype=torch.bool)).detach()
+    hi = int(scores.argmax())
+    gate.threshold = float(scores.sort().values[-2] + scores.max()) / 2  # only row `hi` fires
+    gate.metadata.hook_name = steered.hook_point.name
+    steered.gate = gate
+    plain = steered.model(ids).logits
+    ungated = steered(ids, use_gate=False).logits
+    state = CallState()
+    with steered.steering(state):
+        gated = steered.model(ids).logits
+    assert state.row_on.tolist() == [i == hi for i in range(3)]
+    for i in range(3):
+        if i == hi:
+            assert torch.allclose(gated[i], ungated[i], atol=1e-5)  # steered as without the gate
+            assert not torch.allclose(gated[i], plain[i])
+        else:
+            assert torch.equal(gated[i], plain[i])  # bit-identical to the unsteered model
+    # generation: rows that do not fire produce exactly the unsteered tokens
+    plain_gen = steered.model.generate(ids, max_new_tokens=5, do_sample=False)
+    gen = steered.generate(ids, max_new_tokens=5, do_sample=False)
+    for i in range(3):
+        assert torch.equal(gen[i], plain_gen[i]) == (i != hi)
+
+
+def test_gate_that_fires_on_nothing_leaves_the_whole_batch_untouched():
+    steered = _two_site_model()
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    steered.gate = PromptGate(torch.zeros(1, F), 0.0, 1.0)  # logit 0 <= threshold 1: never fires
+    steered.gate.metadata.hook_name = steered.hook_point.name
+    assert torch.equal(steered(ids).logits, steered.model(ids).logits)
+    assert torch.equal(steered.generate(ids, max_new_tokens=4, do_sample=False),
+                       steered.model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_the_gate_reads_the_unsteered_prompt():
+    """Steering at an earlier site must not change what the gate scores at a later one."""
+    steered = _two_site_model(lr=2.0)
+    ids = torch.randint(0, 250, (1, 8), generator=torch.Generator().manual_seed(2))
+    seen = []
+    gate = PromptGate(torch.zeros(1, F), 0.0, -1.0)  # always fires
+    gate.metadata.hook_name = "blocks.2.hook_resid_post"
+    steered.gate = gate
+    real = gate.fires
+    gate.fires = lambda f, keep: (seen.append(f.clone()), real(f, keep))[1]
+    steered(ids)
+    plain = steered.sae.encode(_scores(steered, ids))
+    sites = {s.hook_point.name for s in steered.sites}
+    assert sites == {"blocks.1.hook_resid_post", "blocks.2.hook_resid_post"}
+    assert torch.allclose(seen[0].reshape(-1, F), plain, atol=1e-5)
+
+
+def test_every_site_steers():
+    steered = _two_site_model()
+    ids = torch.randint(0, 250, (1, 8), generator=torch.Generator().manual_seed(3))
+    both = steered(ids).logits
+    only_first = SteeredModel(steered.model, steered.tokenizer, steered.sites[0].sae, steered.sites[0].vector,
+                              config=steered.config)(ids).logits
+    assert not torch.allclose(both, only_first)
+    with pytest.raises(ValueError, match="one vector per SAE"):
+        SteeredModel(steered.model, steered.tokenizer, [s.sae for s in steered.sites], [steered.sites[0].vector])
+    with pytest.raises(ValueError, match="share a hook point"):
+        SteeredModel(steered.model, steered.tokenizer, [steered.sites[0].sae] * 2, [steered.sites[0].vector] * 2)
+
+
+def test_a_gate_on_an_unhooked_layer_is_refused():
+    steered = _two_site_model()
+    gate = PromptGate(torch.zeros(1, F), 0.0, 0.0)
+    gate.metadata.hook_name = "blocks.3.hook_resid_post"
+    with pytest.raises(ValueError, match="no SAE is hooked there"):
+        SteeredModel(steered.model, steered.tokenizer, [s.sae for s in steered.sites],
+                     [s.vector for s in steered.sites], gate=gate)
+
+
+def test_target_step_moves_the_features_to_their_targets():
+    sae = SparseAutoencoder.random(HIDDEN, F, "relu", seed=11)
+    h = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    f = sae.encode(h)
+    on = (f > 0).float().sum(0)
+    harm = int(on.argmax())  # a feature active on many rows
+    safe = int(torch.nonzero(on == 0)[0]) if (on == 0).any() else int(on.argmin())
+    vec = SteeringVector(F, torch.tensor(sorted([harm, safe])),
+                         torch.tensor([1.0 if i == harm else -0.7 for i in sorted([harm, safe])]))
+    obj = FeatureObjective(sae, vec)
+    step = obj.target_step(h)
+    moved = h - step  # one exact step (lr=1) in decoder space
+    W = sae.W_dec[[harm, safe]]
+    gap = torch.stack([-f[:, harm], (0.7 - f[:, safe]).clamp_min(0)], 1)  # (N, 2)
+    assert torch.allclose(moved - h, gap @ W, atol=1e-5)
+    # a row with the harmful feature off and the safe one at its target gets no step at all
+    assert torch.equal(obj.target_step(torch.zeros(0, HIDDEN)), torch.zeros(0, HIDDEN))
+
+
+def test_add_method_adds_the_sites_direction():
+    s1, v1 = _site(1, 3)
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    d = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(9))
+    steered = SteeredModel(model, tok, s1, v1, directions={"blocks.1.hook_resid_post": d},
+                           config=SteeringConfig(method="add", steps=1, lr=2.0, normalize=False,
+                                                 max_delta=None, positions="all"))
+    ids = torch.randint(0, 250, (1, 6), generator=torch.Generator().manual_seed(4))
+    nxt = steered.model.model.layers[2]  # its input is layer 1's (steered) output
+
+    def layer2_input(**kw):
+        got = []
+        handle = nxt.register_forward_pre_hook(lambda m, a, k: got.append(k.get("hidden_states", a[0] if a else None)),
+                                               with_kwargs=True)
+        try:
+            steered(ids, **kw)
+        finally:
+            handle.remove()
+        return got[0]
+
+    with steered.disabled():
+        plain = {"h": layer2_input()}
+    out = {"h": layer2_input()}
+    assert torch.allclose(out["h"], plain["h"] + 2.0 * d, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a direction"):
+        SteeredModel(model, tok, s1, v1, config=SteeringConfig(method="add", positions="all"))(ids)
+
+
+def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):
+    from steerplug.steered_model import MANIFEST_NAME, load_bundle
+
+    (s1, v1), (s2, v2) = _site(1, 3), _site(2, 5)
+    for name, s, v in (("a", s1, v1), ("b", s2, v2)):
+        s.save_pretrained(tmp_path / name / "sae")
+        v.save_pretrained(tmp_path / name / "vector")
+    gate = PromptGate(torch.randn(1, F), 0.0, 0.5)
+    gate.metadata.hook_name = "blocks.2.hook_resid_post"
+    gate.save_pretrained(tmp_path / "gate")
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({
+        "sites": [{"sae": "a/sae", "vector": "a/vector"}, {"sae": "b/sae", "vector": "b/vector"}],
+        "gate": "gate", "steering": {"method": "target", "lr": 3.0, "normalize": False}}))
+    b = load_bundle(tmp_path)
+    assert [s.cfg.hook_name for s in b["saes"]] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    steered = SteeredModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_byte_tokenizer(),
+                                           sae=str(tmp_path), lr=2.5)
+    assert len(steered.sites) == 2 and steered.gate is not None
+    assert steered.hook_point.name == "blocks.2.hook_resid_post"  # the gate's site is the primary one
+    assert steered.config.method == "target" and steered.config.lr == 2.5  # the call overrides the manifest
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"sites": "nope"}))
+    with pytest.raises(ValueError, match="not a valid steerplug manifest"):
+        load_bundle(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"sites": [], "steering": {"strength": 1}}))
+    with pytest.raises(ValueError, match="unknown steering option"):
+        load_bundle(tmp_path)
