@@ -93,8 +93,9 @@ def caa_directions(model: Any, tokenizer: Any, points: list, refusals: list, com
 
 
 def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out: str | Path,
-                 cfg: BundleConfig | None = None, data_dir: str | None = None) -> Path:
-    """Build the bundle of the module docstring in ``out``; the first SAE's site hosts the gate."""
+                 cfg: BundleConfig | None = None, data_dir: str | None = None, judge: Any = None) -> Path:
+    """Build the bundle of the module docstring in ``out``; the first SAE's site hosts the gate.
+    ``judge``: what tells refusals from compliance (default: :class:`~steerplug.judge.StrictJudge`)."""
     from steerplug.data import load_prompts
     from steerplug.layers import resolve_hook_point
     from steerplug.pipeline.gate import fit_gate, gate_prompts
@@ -112,7 +113,7 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
     questions = [p.text for p in load_prompts("harmful_train", data_dir)][:cfg.n_prompts]
     own = own_answers(model, tokenizer, sorted(points, key=lambda p: p.layer), questions,
                       questions[-cfg.n_choose:], scale=cfg.bootstrap_scale,
-                      max_new_tokens=cfg.max_new_tokens)
+                      max_new_tokens=cfg.max_new_tokens, judge=judge)
     if len(own.refusals) < 8 or len(own.compliant) < 8:
         raise RuntimeError(f"Too few own refusals ({len(own.refusals)}) or compliant answers "
                            f"({len(own.compliant)}) to rank features; raise --n-prompts. {own.report}")

@@ -1,0 +1,76 @@
+"""build-steering end to end on a tiny model: own answers -> per-site target vectors, CAA
+directions and a gate, written as a bundle that SteeredModel.from_pretrained loads whole."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import HIDDEN, make_byte_tokenizer, make_tiny_model
+
+from steerplug import SparseAutoencoder, SteeredModel
+from steerplug.judge import Verdict
+from steerplug.pipeline.bundle import BundleConfig, build_bundle
+from steerplug.pipeline.gate import gate_prompts, prompt_key
+from steerplug.pipeline.refusals import target_vector
+
+
+class _AlternatingJudge:
+    """Tiny random models never refuse: call every other answer a refusal so both sets fill."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, prompt, response):
+        self.n += 1
+        r = self.n % 2 == 0
+        return Verdict(r, r, True, 0.0, 1.0)
+
+
+def test_build_bundle_writes_what_from_pretrained_loads(tmp_path):
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    folders = []
+    for layer in (1, 2):
+        sae = SparseAutoencoder.random(HIDDEN, 96, "topk", k=8, seed=layer, hook_name=f"blocks.{layer}.hook_resid_post")
+        folders.append(sae.save_pretrained(tmp_path / f"sae{layer}"))
+    cfg = BundleConfig(n_prompts=20, n_choose=6, gate_harmless=40, max_new_tokens=3, n_harmful=4, n_safe=4,
+                       steering={"method": "target", "lr": 2.0, "normalize": False, "max_delta": None})
+    out = build_bundle(model, tok, folders, tmp_path / "bundle", cfg, judge=_AlternatingJudge())
+    man = json.loads((out / "steerplug.json").read_text())
+    assert [s["sae"] for s in man["sites"]] == ["sites/blocks.1.hook_resid_post/sae", "sites/blocks.2.hook_resid_post/sae"]
+    assert set(man["built"]["own_answers"]["tried"]) == {"system_prompt", "short", "apology", "own_style"}
+    assert set(man["built"]["gate"]["fire_rates"]) == {"train_harmful", "train_harmless", "val_harmful", "val_harmless"}
+    steered = SteeredModel.from_pretrained(model, tokenizer=tok, sae=str(out))
+    assert len(steered.sites) == 2 and steered.gate is not None and steered.config.lr == 2.0
+    assert steered.hook_point.name == "blocks.1.hook_resid_post"  # the first SAE hosts the gate
+    for site in steered.sites:
+        _, w = site.vector.support()
+        assert (w > 0).any() and (w < 0).any()  # harmful and safe features
+        assert site.direction is not None and site.direction.shape == (HIDDEN,)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    steered.generate(**ids, max_new_tokens=2, do_sample=False)  # runs with the gate and both sites
+
+
+def test_gate_prompts_never_hold_a_test_prompt():
+    from steerplug.data import load_prompts
+    from steerplug.pipeline.gate import TEST_SETS
+
+    sets = gate_prompts(n_harmless=500)
+    test = {prompt_key(p.text) for s in TEST_SETS for p in load_prompts(s)}
+    for name, prompts in sets.items():
+        assert prompts, name
+        assert not {prompt_key(p) for p in prompts} & test, name
+    advbench = {prompt_key(p.text) for p in load_prompts("advbench")}
+    assert len(advbench & test) > 0  # AdvBench does overlap the test splits: the filter matters
+
+
+def test_target_vector_weights_are_compliance_means_and_minus_refusal_means():
+    ref = torch.zeros(6, 5)
+    comp = torch.zeros(6, 5)
+    ref[:, 1] = torch.tensor([2.0, 2.2, 1.8, 2.1, 1.9, 2.0])  # a refusal feature
+    comp[:, 3] = torch.tensor([1.0, 1.2, 0.8, 1.1, 0.9, 1.0])  # a compliance feature
+    v = target_vector(ref, comp, n_harmful=1, n_safe=1)
+    idx, w = v.support()
+    assert idx.tolist() == [1, 3]
+    assert w[0] == torch.tensor(-2.0) and w[1] == torch.tensor(1.0)
