@@ -117,10 +117,15 @@ class Site:
     """One place steering acts: a hook point with the SAE read there and the vector over its features."""
 
     hook_point: HookPoint
-    sae: SparseAutoencoder
+    sae: SparseAutoencoder | None
+    """None at a site that only carries an activation-addition direction."""
     vector: SteeringVector | None
     direction: torch.Tensor | None = None
     """``(D,)`` residual direction for ``method="add"`` (activation addition), if any."""
+
+    def acts_for(self, method: str) -> bool:
+        """Whether this site steers under ``method``: ``add`` needs a direction, the others an SAE."""
+        return self.direction is not None if method == "add" else self.sae is not None
 
 
 def _as_list(x: Any) -> list:
@@ -161,7 +166,7 @@ class SteeredModel:
         if not saes:
             if vectors or objective is not None or gate is not None:
                 raise ValueError("A steering vector, objective or gate needs an SAE: pass sae=.")
-            self.sae, self.vector, self.hook_point = None, None, None
+            self._primary, self._bare_point = None, None
             return
         if not vectors and objective is None:
             raise ValueError("An SAE needs a steering vector (vector=) or an objective (objective=).")
@@ -175,15 +180,23 @@ class SteeredModel:
             v = vectors[i] if vectors else None
             self.sites.append(self._site(model, s, v, h, d_model, layers_path))
         names = [site.hook_point.name for site in self.sites]
+        directions = dict(directions or {})
         for site in self.sites:
-            key = site.sae.cfg.hook_name if site.sae.cfg.hook_name in (directions or {}) else site.hook_point.name
-            site.direction = (directions or {}).get(key)
+            key = site.sae.cfg.hook_name if site.sae.cfg.hook_name in directions else site.hook_point.name
+            site.direction = directions.pop(key, None)
+        for name, d in directions.items():  # directions elsewhere: sites that only method="add" uses
+            point = resolve_hook_point(model, name, layers_path)
+            if d.shape != (d_model,):
+                raise ValueError(f"The direction for {name} has shape {tuple(d.shape)}; expected ({d_model},).")
+            self.sites.append(Site(point, None, None, d))
+            names.append(point.name)
         if len(set(names)) != len(names):
             raise ValueError(f"Two sites share a hook point ({names}): give each SAE its own hook.")
         primary = self.sites[0]
         if gate is not None:
-            primary = next((site for site in self.sites if site.sae.cfg.hook_name == gate.metadata.hook_name
-                            or site.hook_point.name == gate.metadata.hook_name), None)
+            primary = next((site for site in self.sites if site.sae is not None and (
+                site.sae.cfg.hook_name == gate.metadata.hook_name
+                or site.hook_point.name == gate.metadata.hook_name)), None)
             if primary is None:
                 raise ValueError(f"The gate reads {gate.metadata.hook_name!r}, but no SAE is hooked there "
                                  f"(sites: {names}): pass the SAE it was fitted on.")
@@ -191,7 +204,38 @@ class SteeredModel:
                 raise ValueError(f"The gate has d_sae={gate.d_sae} but the SAE at {primary.hook_point.name} "
                                  f"has d_sae={primary.sae.d_sae}: it was fitted on another SAE.")
         # The primary site: the gate's (if any), else the first; what tracing and the demo show.
-        self.sae, self.vector, self.hook_point = primary.sae, primary.vector, primary.hook_point
+        self._primary, self._bare_point = primary, None
+
+    @property
+    def sae(self) -> SparseAutoencoder | None:
+        """The primary site's SAE (the gate's site if there is a gate, else the first)."""
+        return self._primary.sae if self._primary else None
+
+    @sae.setter
+    def sae(self, value: SparseAutoencoder) -> None:
+        self._primary.sae = value
+        self.refresh()
+
+    @property
+    def vector(self) -> SteeringVector | None:
+        """The primary site's steering vector."""
+        return self._primary.vector if self._primary else None
+
+    @vector.setter
+    def vector(self, value: SteeringVector) -> None:
+        self._primary.vector = value
+        self.refresh()
+
+    @property
+    def hook_point(self) -> HookPoint | None:
+        """The primary site's hook point (or one set by hand on a model without SAE, for baselines)."""
+        return self._primary.hook_point if self._primary else self._bare_point
+
+    @hook_point.setter
+    def hook_point(self, value: HookPoint) -> None:
+        if self._primary is not None:
+            raise AttributeError("hook_point is the primary site's; build a new SteeredModel to move it.")
+        self._bare_point = value
 
     @staticmethod
     def _site(model: nn.Module, sae: SparseAutoencoder, vector: SteeringVector | None, hook: Any,
@@ -284,7 +328,7 @@ class SteeredModel:
         return next(self.model.parameters()).device
 
     def _site_of(self, site: Site | None) -> Site:
-        return site if site is not None else next(s for s in self.sites if s.hook_point is self.hook_point)
+        return site if site is not None else self._primary
 
     def feature_objective(self, device: torch.device | str | None = None,
                           site: Site | None = None) -> FeatureObjective:
@@ -310,7 +354,9 @@ class SteeredModel:
         fn = self._grad_fns.get(key)
         if fn is not None:
             return fn
-        if self.objective is not None:
+        if config.method == "add":  # _install only passes sites with a direction
+            fn = add_step(site.direction)
+        elif self.objective is not None:
             if config.push_inactive or config.method != "gradient":
                 raise ValueError("push_inactive=True and method='target' apply to the encode(h) . w objective "
                                  "of a steering vector, not to a user objective=: drop one of them.")
@@ -321,12 +367,7 @@ class SteeredModel:
             fn = lambda h: autograd_grad(h, lambda x: user(x, sae))  # noqa: E731
         else:
             objective = self.feature_objective(device, site)
-            if config.method == "add":
-                if site.direction is None:
-                    raise ValueError(f"method='add' needs a direction at {site.hook_point.name}: pass "
-                                     "SteeredModel(..., directions={hook: tensor}) or a bundle with caa.safetensors.")
-                fn = add_step(site.direction)
-            elif config.method == "target":
+            if config.method == "target":
                 fn = objective.target_step
             elif config.push_inactive:
                 fn = functools.partial(objective.grad, push_inactive=True)
@@ -369,8 +410,12 @@ class SteeredModel:
         return sae
 
     def _install(self, config: SteeringConfig, state: CallState) -> HookHandle:
+        acting = [site for site in self.sites if site.acts_for(config.method)]
+        if not acting:
+            raise ValueError(f"method={config.method!r} has no site to act on: 'add' needs directions "
+                             "(SteeredModel(..., directions={hook: tensor}) or a bundle with caa.safetensors).")
         sites = []
-        for site in self.sites:
+        for site in acting:
             steer = make_steer_fn(lambda device, site=site: self._grad_fn(site, config, device),
                                   config, state, site.hook_point.name)
             sites.append((site.hook_point, steer))

@@ -187,8 +187,29 @@ def test_add_method_adds_the_sites_direction():
         plain = {"h": layer2_input()}
     out = {"h": layer2_input()}
     assert torch.allclose(out["h"], plain["h"] + 2.0 * d, atol=1e-5)
-    with pytest.raises(ValueError, match="needs a direction"):
+    with pytest.raises(ValueError, match="'add' needs directions"):
         SteeredModel(model, tok, s1, v1, config=SteeringConfig(method="add", positions="all"))(ids)
+    # A direction at a layer without an SAE makes a site that only method="add" uses.
+    d0 = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    both = SteeredModel(model, tok, s1, v1, directions={"blocks.1.hook_resid_post": d, "blocks.0.hook_resid_post": d0},
+                        config=steered.config)
+    assert [s.sae is not None for s in both.sites] == [True, False]
+    first = steered.model.model.layers[1]  # its input is layer 0's output
+
+    def layer1_input(m, **kw):
+        got = []
+        handle = first.register_forward_pre_hook(lambda mod, a, k: got.append(k.get("hidden_states", a[0] if a else None)),
+                                                 with_kwargs=True)
+        try:
+            m(ids, **kw)
+        finally:
+            handle.remove()
+        return got[0]
+
+    with both.disabled():
+        plain0 = layer1_input(both)
+    assert torch.allclose(layer1_input(both), plain0 + 2.0 * d0, atol=1e-5)
+    assert torch.equal(layer1_input(both, method="gradient"), plain0)  # the SAE methods skip it
 
 
 def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):

@@ -49,6 +49,10 @@ class BundleConfig:
     """Of those, how many score each way of refusing (the rest are never used for that choice)."""
     bootstrap_scale: float = 0.3
     """Activation-addition strength per layer that brings out the model's own refusals."""
+    caa_depths: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
+    """Residual layers (as fractions of the depth; 9, 12, 15, 18 of SmolLM2's 30) where the
+    refusals are brought out and the activation-addition directions are written, besides every
+    SAE's layer. Measured on SmolLM2-135M: one layer alone gives far fewer coherent refusals."""
     n_harmful: int = 32
     """Features kept per site with positive weight (typical of compliance)."""
     n_safe: int = 32
@@ -97,7 +101,7 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
     """Build the bundle of the module docstring in ``out``; the first SAE's site hosts the gate.
     ``judge``: what tells refusals from compliance (default: :class:`~steerplug.judge.StrictJudge`)."""
     from steerplug.data import load_prompts
-    from steerplug.layers import resolve_hook_point
+    from steerplug.layers import find_blocks, resolve_hook_point
     from steerplug.pipeline.gate import fit_gate, gate_prompts
     from steerplug.pipeline.refusals import answer_features, own_answers, target_vector
     from steerplug.sae import SparseAutoencoder
@@ -111,7 +115,10 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
         raise ValueError("build-steering reads residual-stream outputs (hook_resid_post); got "
                          f"{[p.name for p in points]}.")
     questions = [p.text for p in load_prompts("harmful_train", data_dir)][:cfg.n_prompts]
-    own = own_answers(model, tokenizer, sorted(points, key=lambda p: p.layer), questions,
+    blocks = len(find_blocks(model)[1])
+    layers = {p.layer for p in points} | {min(blocks - 1, round(d * blocks)) for d in cfg.caa_depths}
+    caa_points = [resolve_hook_point(model, f"blocks.{layer}.hook_resid_post") for layer in sorted(layers)]
+    own = own_answers(model, tokenizer, caa_points, questions,
                       questions[-cfg.n_choose:], scale=cfg.bootstrap_scale,
                       max_new_tokens=cfg.max_new_tokens, judge=judge)
     if len(own.refusals) < 8 or len(own.compliant) < 8:
@@ -134,7 +141,7 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
         target_vector(f_ref[name], f_comp[name], cfg.n_harmful, cfg.n_safe, meta).save_pretrained(site / "vector")
         sites.append({"sae": f"sites/{name}/sae", "vector": f"sites/{name}/vector"})
     save_file({k: v.contiguous() for k, v in
-               caa_directions(model, tokenizer, points, own.refusals, own.compliant).items()}, str(out / CAA_NAME))
+               caa_directions(model, tokenizer, caa_points, own.refusals, own.compliant).items()}, str(out / CAA_NAME))
     gate = fit_gate(model, tokenizer, points[0], saes[0], gate_prompts(data_dir, cfg.gate_harmless),
                     pools=tuple(cfg.gate_pools), l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr)
     gate.metadata.sae = sites[0]["sae"]
@@ -156,6 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--n-prompts", type=int, default=d.n_prompts)
     p.add_argument("--bootstrap-scale", type=float, default=d.bootstrap_scale)
+    p.add_argument("--caa-depths", type=float, nargs="*", default=list(d.caa_depths),
+                   help="extra residual layers for refusals and activation addition, as fractions of the depth")
     p.add_argument("--n-harmful", type=int, default=d.n_harmful)
     p.add_argument("--n-safe", type=int, default=d.n_safe)
     p.add_argument("--gate-max-fpr", type=float, default=d.gate_max_fpr)
@@ -172,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     d = BundleConfig()
-    cfg = BundleConfig(n_prompts=args.n_prompts, bootstrap_scale=args.bootstrap_scale, n_harmful=args.n_harmful,
+    cfg = BundleConfig(n_prompts=args.n_prompts, bootstrap_scale=args.bootstrap_scale,
+                       caa_depths=tuple(args.caa_depths), n_harmful=args.n_harmful,
                        n_safe=args.n_safe, gate_max_fpr=args.gate_max_fpr, gate_harmless=args.gate_harmless,
                        steering={**d.steering, **(args.steering or {})})
     model, tok = load_model(args.model)
