@@ -163,6 +163,8 @@ class SteerplugLM(HFLM):
             given["max_delta"] = None if _none(max_delta) is None else float(max_delta)
         self.steering_config = SteeringConfig(**{**bundle.get("steering", {}),
                                                  **{k: v for k, v in given.items() if v is not None or k == "max_delta"}})
+        self.default_steering = self.steering_config
+        """The configuration this model was built with (the bundle's, with any arguments given)."""
         self.intervention = Intervention(
             kind=str(intervention), add_vector=_load_add_vector(_none(add_vector)),
             add_scale=float(add_scale),
