@@ -34,26 +34,29 @@ GATE_WEIGHTS_NAME = "gate.safetensors"
 
 
 def _check_pool(pool: str) -> str:
-    if pool == "mean":
+    if pool in ("mean", "max"):
         return pool
     if pool.startswith("tail:") and pool[5:].isdigit() and int(pool[5:]) > 0:
         return pool
-    raise ValueError(f"Gate pool {pool!r}: expected 'mean' or 'tail:K' with K >= 1.")
+    raise ValueError(f"Gate pool {pool!r}: expected 'mean', 'max' or 'tail:K' with K >= 1.")
 
 
 def pool_features(f: torch.Tensor, keep: torch.Tensor, pools: tuple[str, ...]) -> torch.Tensor:
     """``(B, T, F)`` features and a ``(B, T)`` mask of prompt positions -> ``(B, P, F)`` pooled.
 
-    ``mean`` leaves out each row's first kept position (unless it is the only one); ``tail:K``
-    takes the last ``K`` kept positions."""
+    ``mean`` and ``max`` leave out each row's first kept position (the attention sink, unless it
+    is the only one); ``tail:K`` averages the last ``K`` kept positions."""
     keep = keep.bool()
     out = []
     for pool in pools:
-        if pool == "mean":
+        if pool in ("mean", "max"):
             first = keep.int().argmax(dim=1, keepdim=True)  # (B, 1)
             rest = keep.clone()
             rest.scatter_(1, first, False)
             m = torch.where(rest.any(1, keepdim=True), rest, keep)  # (B, T)
+            if pool == "max":  # features are >= 0 after the SAE's activation, so masked zeros are neutral
+                out.append((f * m.unsqueeze(-1).to(f.dtype)).amax(1))  # (B, F)
+                continue
         else:
             k = int(pool[5:])
             from_end = keep.flip(1).int().cumsum(1).flip(1)  # (B, T): kept positions at or after t

@@ -49,6 +49,10 @@ def test_pool_features_mean_skips_the_first_position_and_tail_takes_the_last_k()
     assert pooled[0, 1, 0] == pytest.approx(4.5) and pooled[1, 1, 0] == pytest.approx(4.5)
     with pytest.raises(ValueError, match="tail:K"):
         PromptGate(torch.zeros(1, 4), 0.0, 0.0, ("tail:0",))
+    # max: the largest value over kept positions after the first; padding never wins.
+    g = torch.tensor([[9.0, 1.0, 3.0, 2.0], [7.0, 8.0, 0.5, 0.25]]).unsqueeze(-1)  # row 2: pads first
+    keep = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert pool_features(g, keep, ("max",))[:, 0, 0].tolist() == [3.0, 0.25]
 
 
 def test_gate_round_trips_and_rejects_bad_shapes(tmp_path):

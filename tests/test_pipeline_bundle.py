@@ -74,3 +74,23 @@ def test_target_vector_weights_are_compliance_means_and_minus_refusal_means():
     idx, w = v.support()
     assert idx.tolist() == [1, 3]
     assert w[0] == torch.tensor(-2.0) and w[1] == torch.tensor(1.0)
+
+
+def test_choose_gate_keeps_the_candidate_that_separates_the_validation_prompts():
+    from steerplug.pipeline.gate import choose_gate
+
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n, harmful):  # (n, 2 pools, 3 features): only the "max" pool carries the class
+        x = torch.rand(n, 2, 3, generator=g)
+        x[:, 1, 0] += 2.0 if harmful else 0.0
+        return x
+
+    feats = {"train_harmful": rows(60, True), "train_harmless": rows(60, False),
+             "val_harmful": rows(40, True), "val_harmless": rows(100, False)}
+    gate = choose_gate(feats, ("mean", "max"), [("mean",), ("max",)], [1e-2, 1.0], "blocks.1.hook_resid_post")
+    assert gate.pools == ("max",)
+    tried = gate.metadata.extra["candidates"]
+    assert [(c["pools"], c["l2"]) for c in tried] == [(["mean"], 1e-2), (["mean"], 1.0), (["max"], 1e-2), (["max"], 1.0)]
+    assert gate.metadata.extra["fire_rates"]["val_harmful"] == max(c["val_harmful"] for c in tried) == 1.0
+    assert all(c["val_harmful"] < 0.5 for c in tried[:2])  # the mean pool alone is noise

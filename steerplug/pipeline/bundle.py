@@ -5,9 +5,9 @@ configuration, in a folder with a ``steerplug.json`` manifest.
 1. The model's own refusals and compliant answers on ``harmful_train``
    (:func:`steerplug.pipeline.refusals.own_answers`: several ways of refusing are measured, the best kept).
 2. Per site, the ``target`` vector from the SAE features of those answers
-   (:func:`~steerplug.pipeline.refusals.target_vector`), and the activation-addition baseline's
-   direction from the same answers (mean activation over own refusals minus own compliance), so
-   that the baseline and gradient steering share one target.
+   (:func:`~steerplug.pipeline.refusals.target_vector`); the activation-addition directions are
+   the ones that brought those refusals out, at every depth of ``caa_depths``, so that activation
+   addition and gradient steering aim at the same refusals.
 3. The gate on the first site's SAE (:func:`steerplug.pipeline.gate.fit_gate`).
 
 Layout::
@@ -16,7 +16,7 @@ Layout::
     BUNDLE/sites/<hook>/sae/         a copy of the SAE (SAELens layout)
     BUNDLE/sites/<hook>/vector/      its steering vector
     BUNDLE/gate/                     the gate
-    BUNDLE/caa.safetensors           {hook: direction}: the activation-addition baseline
+    BUNDLE/caa.safetensors           {hook: direction}: activation addition (method="add")
 """
 
 from __future__ import annotations
@@ -57,16 +57,22 @@ class BundleConfig:
     """Features kept per site with positive weight (typical of compliance)."""
     n_safe: int = 32
     """Features kept per site with negative weight (typical of the model's own refusals)."""
-    gate_pools: tuple[str, ...] = ("mean", "tail:6")
-    """How the gate pools the prompt's features."""
-    gate_l2: float = 1e-2
+    gate_pools: tuple[tuple[str, ...], ...] = (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"),
+                                               ("max",), ("mean", "tail:2"))
+    """Candidate poolings of the prompt's features for the gate (chosen on the validation split)."""
+    gate_l2: tuple[float, ...] = (1e-2, 1e-1, 1.0)
+    """Candidate L2 strengths for the gate's logistic regression (chosen the same way)."""
     gate_max_fpr: float = 0.02
     """False-positive budget of the gate on ``harmless_val``."""
     gate_harmless: int = 3000
     """``harmless_train`` (and ``harmless_val``) prompts for the gate."""
     steering: dict[str, Any] = field(default_factory=lambda: {
-        "method": "target", "steps": 1, "lr": 4.0, "normalize": False, "max_delta": None, "positions": "all"})
-    """The configuration written into the manifest (what ``from_pretrained`` steers with)."""
+        "method": "add", "steps": 1, "lr": 0.3, "normalize": False, "max_delta": None, "positions": "all",
+        "use_gate": True})
+    """The configuration written into the manifest (what ``from_pretrained`` steers with). Measured
+    on SmolLM2-135M (61 validation harmful prompts, ungated, strict judge): activation addition of
+    the refusal directions at 0.3 per layer, 90% refusals, 98% coherent; the ``target`` method (lr
+    0.5-4) and gradient steering (lr 0.1-0.5) at the layer-15 SAE, 0-4%."""
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
@@ -140,10 +146,15 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
                               extra={"own_answers": own.report, "n_harmful": cfg.n_harmful, "n_safe": cfg.n_safe})
         target_vector(f_ref[name], f_comp[name], cfg.n_harmful, cfg.n_safe, meta).save_pretrained(site / "vector")
         sites.append({"sae": f"sites/{name}/sae", "vector": f"sites/{name}/vector"})
-    save_file({k: v.contiguous() for k, v in
-               caa_directions(model, tokenizer, caa_points, own.refusals, own.compliant).items()}, str(out / CAA_NAME))
+    # The activation-addition directions: the ones that brought out the refusals (forced refusal
+    # minus forced compliance prefixes). Measured on SmolLM2-135M, the mean over the own answers'
+    # tokens (refusal minus compliance) at the same scale mostly yields "I'm ready to assist you":
+    # it carries the answers' style more than the decision to decline.
+    directions = own.directions if own.directions is not None else caa_directions(
+        model, tokenizer, caa_points, own.refusals, own.compliant)
+    save_file({k: v.contiguous() for k, v in directions.items()}, str(out / CAA_NAME))
     gate = fit_gate(model, tokenizer, points[0], saes[0], gate_prompts(data_dir, cfg.gate_harmless),
-                    pools=tuple(cfg.gate_pools), l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr)
+                    pools=cfg.gate_pools, l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr)
     gate.metadata.sae = sites[0]["sae"]
     gate.save_pretrained(out / "gate")
     (out / "own_answers.json").write_text(json.dumps(

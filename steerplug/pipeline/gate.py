@@ -10,7 +10,8 @@
   (sparse codes: a per-feature scale blows up rare latents), classes balanced; the scale is
   folded into the weights, so the gate reads raw features.
 * Threshold: the highest true-positive rate on the validation harmful prompts whose false-positive
-  rate on ``harmless_val`` is at most ``max_fpr``.
+  rate on ``harmless_val`` is at most ``max_fpr``. Pooling and regularisation are chosen the same
+  way among a few candidates (:func:`fit_gate`).
 """
 
 from __future__ import annotations
@@ -111,10 +112,42 @@ def threshold_for(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float) -> float
 
 
 def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder,
-             prompts: dict[str, list[str]], *, pools: tuple[str, ...] = ("mean", "tail:6"),
-             l2: float = 1e-2, max_fpr: float = 0.02, batch_size: int = 32) -> PromptGate:
-    """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets; validation rates go in its metadata."""
-    feats = {k: prompt_features(model, tokenizer, point, sae, v, pools, batch_size) for k, v in prompts.items()}
+             prompts: dict[str, list[str]], *, pools: Sequence[Sequence[str]] = (("mean", "tail:6"),),
+             l2: Sequence[float] = (1e-2,), max_fpr: float = 0.02, batch_size: int = 32) -> PromptGate:
+    """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets for every pair of ``pools`` (each a
+    tuple of pools) and ``l2``, and keep the one with the highest true-positive rate on the
+    validation harmful prompts at its threshold (the first on ties). Validation rates of every
+    candidate go in the gate's metadata."""
+    union = tuple(dict.fromkeys(q for p in pools for q in p))
+    feats = {k: prompt_features(model, tokenizer, point, sae, v, union, batch_size) for k, v in prompts.items()}
+    return choose_gate(feats, union, pools, l2, point.name, sae.cfg.hook_name, max_fpr=max_fpr)
+
+
+def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Sequence[Sequence[str]],
+                l2: Sequence[float], hook_name: str, sae_ref: str | None = None, *,
+                max_fpr: float = 0.02) -> PromptGate:
+    """:func:`fit_gate`'s choice from features pooled by every pool of ``union`` (``(N, len(union), F)``)."""
+    best, tried = None, []
+    for p in pools:
+        idx = [list(union).index(q) for q in p]
+        sub = {k: v[:, idx] for k, v in feats.items()}
+        for reg in l2:
+            gate = gate_from_features(sub, tuple(p), hook_name, sae_ref, l2=reg, max_fpr=max_fpr)
+            rates = gate.metadata.extra["fire_rates"]
+            tried.append({"pools": list(p), "l2": reg, "val_harmful": rates["val_harmful"],
+                          "val_harmless": rates["val_harmless"]})
+            if best is None or rates["val_harmful"] > best.metadata.extra["fire_rates"]["val_harmful"]:
+                best = gate
+    if best is None:
+        raise ValueError("fit_gate needs at least one pooling in pools and one value in l2.")
+    best.metadata.extra["candidates"] = tried
+    return best
+
+
+def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], hook_name: str,
+                       sae_ref: str | None = None, *, l2: float = 1e-2, max_fpr: float = 0.02) -> PromptGate:
+    """The gate of :func:`fit_gate` from already pooled ``(N, P, F)`` features of the four sets
+    (``train_harmful``, ``train_harmless``, ``val_harmful``, ``val_harmless``)."""
     x = torch.cat([feats["train_harmful"], feats["train_harmless"]]).flatten(1)  # (N, P*F)
     y = torch.cat([torch.ones(len(feats["train_harmful"])), torch.zeros(len(feats["train_harmless"]))])
     w, b = fit_logistic(x, y, l2=l2)
@@ -123,10 +156,10 @@ def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAuto
     thr = threshold_for(score["val_harmful"], score["val_harmless"], max_fpr)
     rate = {k: round(float((v > thr).float().mean()), 4) for k, v in score.items()}
     meta = GateMetadata(
-        hook_name=point.name, sae=sae.cfg.hook_name,
+        hook_name=hook_name, sae=sae_ref,
         description="Steer only prompts this logistic detector over pooled SAE features calls harmful.",
         extra={"pools": list(pools), "l2": l2, "max_fpr": max_fpr,
-               "sizes": {k: len(v) for k, v in prompts.items()}, "fire_rates": rate,
+               "sizes": {k: len(v) for k, v in feats.items()}, "fire_rates": rate,
                "rule": "highest TPR on val_harmful with FPR on val_harmless <= max_fpr",
                "train_sets": {"harmful": list(HARMFUL_TRAIN_SETS), "harmless": ["harmless_train"]},
                "val_sets": {"harmful": list(HARMFUL_VAL_SETS), "harmless": ["harmless_val"]}})

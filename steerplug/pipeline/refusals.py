@@ -137,6 +137,8 @@ class OwnAnswers(NamedTuple):
     """(question, unsteered answer) pairs with no refusal in them."""
     report: dict[str, Any]
     """Each way of refusing tried, its strict refusal rate and coherence; the one chosen."""
+    directions: dict[str, torch.Tensor] | None = None
+    """The chosen way's ``{hook: (D,)}`` activation-addition directions (None for the system prompt)."""
 
 
 def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], prompts: Sequence[str],
@@ -175,7 +177,7 @@ def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], promp
     compliant = [(q, a) for q, a in zip(prompts, plain) if not judge(q, a).raw_refusal]
     report = {"tried": tried, "chosen": best, "scale": scale, "points": [p.name for p in points],
               "prompts": len(prompts), "refusals_kept": len(refusals), "compliant_kept": len(compliant)}
-    return OwnAnswers(refusals, compliant, report)
+    return OwnAnswers(refusals, compliant, report, ways[best])
 
 
 @torch.no_grad()
