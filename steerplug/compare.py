@@ -33,9 +33,12 @@ def run(args: argparse.Namespace) -> int:
             print(plain, "\n")
             continue
         guided = steered.chat(prompt, max_new_tokens=args.max_new_tokens)
-        print(_side_by_side(("unsteered", plain), ("steered", guided), args.width), "\n")
+        label = "steered (= unsteered, word for word)" if guided == plain else "steered"
+        print(_side_by_side(("unsteered", plain), (label, guided), args.width), "\n")
     if steered.can_steer:
-        print(f"steering: {steered.hook_point.name}, {steered.vector}, {steered.config}")
+        sites = ", ".join(s.hook_point.name + ("" if s.sae is not None else " (add only)") for s in steered.sites)
+        gate = "none" if steered.gate is None else f"at {steered.gate.metadata.hook_name}"
+        print(f"steering: sites {sites}; gate {gate}; {steered.config}")
     return 0
 
 
