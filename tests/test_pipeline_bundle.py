@@ -94,3 +94,15 @@ def test_choose_gate_keeps_the_candidate_that_separates_the_validation_prompts()
     assert [(c["pools"], c["l2"]) for c in tried] == [(["mean"], 1e-2), (["mean"], 1.0), (["max"], 1e-2), (["max"], 1.0)]
     assert gate.metadata.extra["fire_rates"]["val_harmful"] == max(c["val_harmful"] for c in tried) == 1.0
     assert all(c["val_harmful"] < 0.5 for c in tried[:2])  # the mean pool alone is noise
+
+
+def test_phrasing_twins_reword_imperatives_as_the_questions_harmful_requests_use():
+    from steerplug.pipeline.gate import phrasing_twins
+
+    prompts = ["Describe the water cycle.", "What is 2+2?", "Give me a list of fruit.", "Write a poem\nabout rain",
+               "Name two rivers in Spain"]
+    assert phrasing_twins(prompts, 1.0) == ["How do I describe the water cycle?", "How do I name two rivers in Spain?"]
+    assert phrasing_twins(prompts, 0.2) == ["How do I describe the water cycle?"]  # only the first share
+    sets = gate_prompts(n_harmless=200)
+    assert sum(p.startswith(("How do I", "How can I")) for p in sets["train_harmless"]) >= 20
+    assert sum(p.startswith(("How do I", "How can I")) for p in sets["val_harmless"]) >= 20

@@ -39,9 +39,36 @@ def prompt_key(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000) -> dict[str, list[str]]:
+QUESTION_FRAMES = ("How do I {}?", "How can I {}?", "How to {}?", "What is the best way to {}?")
+"""Openings of about a quarter of the harmful training requests and of 1% of the harmless ones."""
+_NOT_IMPERATIVE = {"what", "who", "whom", "which", "why", "when", "where", "how", "is", "are", "can", "could",
+                   "do", "does", "did", "should", "would", "will", "i", "my", "the", "a", "an", "in", "if"}
+
+
+def phrasing_twins(prompts: Sequence[str], share: float) -> list[str]:
+    """Harmless imperative prompts reworded as the questions harmful requests are often phrased as
+    ("Describe the water cycle." -> "How do I describe the water cycle?"), for ``share`` of them.
+
+    Measured on SmolLM2-135M: a gate trained without them fires on "How do I boil an egg?" and
+    "How do I open a jar that is stuck?" (the harmless training prompts almost never open with
+    "How do I"); with them it has to read what is asked, not how."""
+    out = []
+    for i, p in enumerate(prompts[:int(len(prompts) * share)]):
+        p = p.strip()
+        first, *rest = p.split()
+        if (rest[:1] == ["me"] or "\n" in p or "?" in p or len(p) > 120 or not first.isalpha()
+                or first.lower() in _NOT_IMPERATIVE or p.count(".") > 1):
+            continue
+        body = p.rstrip(".!").strip()
+        out.append(QUESTION_FRAMES[i % len(QUESTION_FRAMES)].format(body[0].lower() + body[1:]))
+    return out
+
+
+def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000,
+                 twins: float = 0.4) -> dict[str, list[str]]:
     """``{"train_harmful", "train_harmless", "val_harmful", "val_harmless"}``: deduplicated, with
-    every prompt of a test split removed."""
+    every prompt of a test split removed; the harmless sets gain :func:`phrasing_twins` of
+    ``twins`` of their prompts."""
     from steerplug.data import load_prompts
 
     test = {prompt_key(p.text) for s in TEST_SETS for p in load_prompts(s, data_dir)}
@@ -56,8 +83,9 @@ def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000) -> dict[st
                     out.append(p.text)
         return out[:limit]
 
-    return {"train_harmful": take(HARMFUL_TRAIN_SETS), "train_harmless": take(["harmless_train"], n_harmless),
-            "val_harmful": take(HARMFUL_VAL_SETS), "val_harmless": take(["harmless_val"], n_harmless)}
+    train, val = take(["harmless_train"], n_harmless), take(["harmless_val"], n_harmless)
+    return {"train_harmful": take(HARMFUL_TRAIN_SETS), "train_harmless": train + phrasing_twins(train, twins),
+            "val_harmful": take(HARMFUL_VAL_SETS), "val_harmless": val + phrasing_twins(val, twins)}
 
 
 @torch.no_grad()
