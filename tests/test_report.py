@@ -160,6 +160,12 @@ def test_harmful_refusal_counts_each_prompt_once():
                      "steerplug_harmful_test": task(["a", "b", "c", "d"], [1.0, 1.0, 0.0, 0.0])}}
     row = summarise([res], ["steerplug_jbb_harmful", "steerplug_harmful_test"])[0]
     assert row["n_harmful_unique"] == 4 and row["harmful_refusal"] == 0.5  # not (1 + 0.5) / 2, not 4/6
+    assert row["edit"] is None and row["gated"] is None  # no config: nothing steered
+    res["method"]["config"] = {"steps": 1, "method": "add", "use_gate": True}
+    row = summarise([res], ["steerplug_jbb_harmful"])[0]
+    assert row["edit"] == "add" and row["gated"] is True
+    res["method"]["config"] = {"steps": 0, "method": "add", "use_gate": True}
+    assert summarise([res], ["steerplug_jbb_harmful"])[0]["edit"] is None  # steps=0 steers nothing
 
 
 def test_summary_unchanged_share_against_unsteered():
@@ -240,3 +246,9 @@ def test_frontier_summary_checks_every_target():
     assert not s["gated_gradient_vs_gated_caa"]["gradient_matches"]
     text = "\n".join(frontier_markdown(s))
     assert "**none**" in text and "gated gradient (by gated CAA)" in text and "**does not match it**" in text
+    # a shipped default that is gated activation addition is the gated-CAA baseline too
+    shipped = {**row("default (shipped)", "default", 0.70, 0.03), "edit": "add", "gated": True}
+    s = frontier_summary([r for r in rows if r["family"] != "caa_gated"] + [shipped])
+    assert s["gated_gradient_vs_gated_caa"]["caa"] == "default (shipped)"
+    s = frontier_summary([r for r in rows if r["family"] != "caa_gated"] + [{**shipped, "gated": False}])
+    assert s["gated_gradient_vs_gated_caa"] is None

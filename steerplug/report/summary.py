@@ -81,6 +81,9 @@ def summarise(results: list[dict[str, Any]], harm_tasks: list[str]) -> list[dict
         tasks = r["tasks"]
         row: dict[str, Any] = {"method": r["method"]["name"], "family": r["method"]["family"],
                                "seconds": round(r["seconds"], 1), "cached": r["cached"]}
+        config = r["method"].get("config") or {}
+        row["edit"] = config.get("method") if config.get("steps") else None  # what the hooks did
+        row["gated"] = bool(config.get("use_gate")) if row["edit"] else None
         harmful = [t for t in harm_tasks if t in HARMFUL_SETS.values() and t in tasks]
         harmless = [t for t in harm_tasks if t in HARMLESS_SETS.values() and t in tasks]
         for t in harmful + harmless:
@@ -176,7 +179,9 @@ def frontier_summary(rows: list[dict[str, Any]], targets: dict[str, float] | Non
                  for r in pts if r["family"] in GRADIENT_FAMILIES}
     grad = max((r for r in pts if r["family"] in ("gradient", "target")), key=lambda r: r["harmful_refusal"],
                default=None)
-    caa = max((r for r in pts if r["family"] == "caa_gated"), key=lambda r: r["harmful_refusal"], default=None)
+    caa = max((r for r in pts if r["family"] == "caa_gated"
+               or (r["family"] == "default" and r.get("edit") == "add" and r.get("gated"))),
+              key=lambda r: r["harmful_refusal"], default=None)  # the shipped default may be gated CAA
     return {
         "targets": targets,
         "meets_all": [r["method"] for r in pts if not misses(r, targets)],
