@@ -10,8 +10,12 @@ Steps (each resumes / is skipped when its output already exists in ``--work``):
 3. evaluate — WikiText-2 test, held-out chat, CE recovered, HellaSwag, probes;
 4. features — force-prefixed compliant vs refusing answers to ``harmful_train`` questions, the
    64-feature steering vector;
-5. publish  — ``hub_artifacts/SmolLM2-135M-Instruct/{sae,vector}`` with model cards, the eval
-   report and plots.
+5. steering — ``steerplug build-steering``: the model's own refusals, the ``target`` vector from
+   their SAE features, activation-addition directions at several depths and the prompt gate;
+6. publish  — ``hub_artifacts/SmolLM2-135M-Instruct/``: ``sae/`` and ``vector/`` with model cards,
+   the eval report and plots, and the steering bundle that ``SteeredModel.from_pretrained()``
+   loads (``steerplug.json``, ``target_vector/``, ``gate/``, ``caa.safetensors``,
+   ``own_answers.json``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from steerplug._config import require_ints
 from steerplug.models import DEFAULT_MODEL_ID
-from steerplug.steered_model import DEFAULT_ARTIFACTS_REPO
+from steerplug.steered_model import DEFAULT_ARTIFACTS_REPO, MANIFEST_NAME
 from steerplug.vector import SteeringVector
 
 
@@ -67,6 +71,8 @@ class ArtifactsConfig:
     """harmful_train questions answered twice (compliant / refusal) for the feature ranking."""
     feature_new_tokens: int = 24
     """Tokens generated after each forced prefix."""
+    steering: str | None = None
+    """JSON of the SteeringConfig fields the bundle ships (default: build-steering's)."""
     seed: int = 0
     """Seed of every step."""
 
@@ -121,8 +127,32 @@ def build_default_artifacts(work: str | Path = "runs/v2",
         _sh(["find-features", "--sae", str(sae_dir), "--out", str(feat_dir), "--seed", str(cfg.seed),
              "--n-prompts", str(cfg.feature_prompts), "--max-new-tokens", str(cfg.feature_new_tokens),
              "--gen-batch-size", "48"])
+    if not (work / "bundle" / MANIFEST_NAME).is_file():
+        _sh(["build-steering", "--sae", str(sae_dir), "--out", str(work / "bundle")]
+            + (["--steering", cfg.steering] if cfg.steering else []))
     publish(work, out, cfg)
     return out
+
+
+def publish_bundle(bundle: Path, out: Path) -> None:
+    """Copy a single-site bundle next to ``out/sae`` (the same SAE): its vector as
+    ``target_vector/``, the gate, the directions and the own answers, and a manifest pointing there."""
+    man = json.loads((bundle / MANIFEST_NAME).read_text())
+    if len(man["sites"]) != 1:
+        raise ValueError(f"{bundle} has {len(man['sites'])} SAE sites; publish_bundle ships one (the SAE in sae/).")
+    for name in ("target_vector", "gate"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    shutil.copytree(bundle / man["sites"][0]["vector"], out / "target_vector")
+    shutil.copytree(bundle / man["gate"], out / "gate")
+    for name in (man["caa"], "own_answers.json"):
+        shutil.copy2(bundle / name, out / name)
+    vec = SteeringVector.from_pretrained(out / "target_vector")
+    vec.metadata.sae = "sae"
+    vec.save_pretrained(out / "target_vector")
+    man["sites"] = [{"sae": "sae", "vector": "target_vector"}]
+    man["gate"] = "gate"
+    (out / MANIFEST_NAME).write_text(json.dumps(man, indent=2))
 
 
 def publish(work: Path, out: Path, cfg: ArtifactsConfig) -> None:
@@ -145,6 +175,8 @@ def publish(work: Path, out: Path, cfg: ArtifactsConfig) -> None:
     feats = json.loads((work / "features" / "features_report.json").read_text())
     (sae_out / "README.md").write_text(sae_card(report, sae_cfg, cfg))
     (vec_out / "README.md").write_text(vector_card(feats, cfg))
+    if (work / "bundle" / MANIFEST_NAME).is_file():
+        publish_bundle(work / "bundle", out)
 
 
 def _fmt(report: dict[str, Any]) -> str:
@@ -264,13 +296,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hellaswag-items", type=int, default=d.hellaswag_items)
     p.add_argument("--no-generate", action="store_true", help="prompts only, without the model's answers (faster)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steering", default=None, help="JSON of the SteeringConfig fields the bundle ships")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ArtifactsConfig(hook=args.hook, d_sae=args.d_sae, k=args.k, lr=args.lr, total_tokens=args.total_tokens,
                           hh_rlhf=args.hh_rlhf, hh_rlhf_text=args.hh_rlhf_text, wikitext_chunks=args.wikitext_chunks,
                           per_prompt_set=args.per_prompt_set, hellaswag_items=args.hellaswag_items,
-                          generate=not args.no_generate, seed=args.seed)
+                          generate=not args.no_generate, seed=args.seed,
+                          steering=args.steering)
     out = build_default_artifacts(args.work, args.out, cfg)
     print(f"artifacts in {out}")
     return 0
