@@ -31,11 +31,13 @@ from steerplug.demo_utils import (EXAMPLE_PROMPTS, FEATURE_COLUMNS, DemoSettings
                                   score_figure, summary)
 from steerplug.steering import POSITIONS  # noqa: E402
 
-TITLE = "steerplug: SAE gradient steering, live"
+TITLE = "steerplug: SAE steering, live"
 INTRO = """Each message is answered twice **in the same batch**: on the left by the plain model, on the
-right with *gradient steering* — at one residual-stream layer, a few gradient steps per token push the
-activation `h` to lower `SAE.encode(h) · w`, where `w` weights the SAE features tied to harmful requests.
-The plot shows that score per generated token, before and after the steering step."""
+right steered. With the shipped configuration a prompt gate (a detector over SAE features of the
+prompt) decides whether to steer at all; where it fires, the hooks edit the residual stream of every
+token (`add`: refusal directions; `gradient`: steps that lower `SAE.encode(h) · w`, where `w` weights
+the SAE features tied to harmful requests). The plot shows that score per generated token, before and
+after the edit."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,8 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sae-subfolder", default=env("STEERPLUG_SAE_SUBFOLDER") or None)
     p.add_argument("--vector-subfolder", default=env("STEERPLUG_VECTOR_SUBFOLDER") or None)
     p.add_argument("--layer", type=int, default=int(env("STEERPLUG_LAYER")) if env("STEERPLUG_LAYER") else None)
-    p.add_argument("--steps", type=int, default=int(env("STEERPLUG_STEPS", "3")))
-    p.add_argument("--strength", type=float, default=float(env("STEERPLUG_STRENGTH", "0.25")))
+    p.add_argument("--steps", type=int, default=int(env("STEERPLUG_STEPS")) if env("STEERPLUG_STEPS") else None,
+                   help="default of the steps slider (default: the loaded steering configuration's)")
+    p.add_argument("--strength", type=float,
+                   default=float(env("STEERPLUG_STRENGTH")) if env("STEERPLUG_STRENGTH") else None,
+                   help="default of the strength slider (default: the loaded steering configuration's)")
     p.add_argument("--max-new-tokens", type=int, default=int(env("STEERPLUG_MAX_NEW_TOKENS", "96")))
     p.add_argument("--max-batch", type=int, default=int(env("STEERPLUG_MAX_BATCH", "16")))
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -60,9 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, strength: float = 0.25,
-               max_new_tokens: int = 96) -> gr.Blocks:
+def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | None = None,
+               strength: float | None = None, max_new_tokens: int = 96) -> gr.Blocks:
+    """The demo; the sliders start at the steered model's configuration (for the default model, the
+    shipped bundle's) unless ``steps`` / ``strength`` are given."""
     steered = engine.steered
+    steps = steered.config.steps if steps is None else steps
+    strength = steered.config.lr if strength is None else strength
     where = steered.hook_point.name if steered.can_steer else "nowhere (no SAE)"
 
     def respond(message: str, plain_hist: list, steered_hist: list, enabled: bool, n_steps: float,
@@ -93,7 +102,10 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
                feature_table(snap, steered.vector), status)
 
     with gr.Blocks(title=TITLE) as demo:
-        gr.Markdown(f"# {TITLE}\n{INTRO}\n\nSteering at `{where}` with `{steered.vector!r}`.")
+        how = (f"method `{steered.config.method}`, "
+               + (f"gated by `{steered.gate!r}`" if steered.gate is not None and steered.config.use_gate
+                  else "no gate"))
+        gr.Markdown(f"# {TITLE}\n{INTRO}\n\nSteering at `{where}` with `{steered.vector!r}`; {how}.")
         if note:
             gr.Markdown(note, elem_id="note")
         with gr.Row():
@@ -108,7 +120,7 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int = 3, 
                                   interactive=steered.can_steer)
             n_steps = gr.Slider(0, 20, value=steps, step=1, label="Steps per token", elem_id="steps")
             lr = gr.Slider(0.0, 2.0, value=strength, step=0.05, label="Strength (lr)", elem_id="strength")
-            positions = gr.Radio(list(POSITIONS), value="generated", label="Positions", elem_id="positions")
+            positions = gr.Radio(list(POSITIONS), value=steered.config.positions, label="Positions", elem_id="positions")
             max_tokens = gr.Slider(8, 512, value=max_new_tokens, step=8, label="Max new tokens",
                                    elem_id="max-tokens")
         status = gr.Markdown(elem_id="status")

@@ -219,3 +219,21 @@ def test_demo_page_in_chromium(demo_url):
             assert page.locator("#steered-chat [data-testid=user]").count() == 2
         finally:
             browser.close()
+
+
+def test_demo_sliders_start_at_the_loaded_steering_configuration(engine):
+    """A bundle's configuration (e.g. the shipped activation addition, one step of 0.3 at every
+    position) is what the demo shows and sends unless the user moves a slider."""
+    sys.path.insert(0, str(REPO / "demo"))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO / "demo"))
+
+    def values(demo):
+        return {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+
+    v = values(app.build_demo(engine))
+    assert (v["steps"], v["strength"], v["positions"]) == (3, 0.5, "generated")  # the engine's config
+    v = values(app.build_demo(engine, steps=1, strength=0.3))
+    assert (v["steps"], v["strength"]) == (1, 0.3)
