@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from steerplug.batching import (BatchEngine, ErrorEvent, FinishEvent, GenerationRequest,
                                 RequestStream, TokenEvent)
@@ -72,13 +72,19 @@ class ServeConfig:
     """Largest per-request steering ``steps``."""
     max_choices: int = 16
     """Largest ``n`` x number of prompts in one request."""
+    max_strength: float = 10.0
+    """Largest per-request steering ``strength`` (``lr``); larger values only break the activations."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body; a larger one gets HTTP 413 before it is read."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_concurrency",
-                     "max_batch", "max_steps", "max_choices"):
+                     "max_batch", "max_steps", "max_choices", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServeConfig.{name}={value!r}: expected an integer >= 1.")
+        if not (isinstance(self.max_strength, (int, float)) and 0 < self.max_strength < float("inf")):
+            raise ValueError(f"ServeConfig.max_strength={self.max_strength!r}: expected a finite number > 0.")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
 
 
@@ -95,6 +101,11 @@ class APIError(Exception):
             self.message, self.type, self.param, self.code))
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: error messages never echo a whole oversized input."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -106,8 +117,8 @@ class SteeringOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool | None = None
     steps: int | None = Field(default=None, ge=0)
-    strength: float | None = Field(default=None, ge=0)
-    lr: float | None = Field(default=None, ge=0)
+    strength: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    lr: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     positions: str | None = None
 
 
@@ -130,7 +141,7 @@ class _Common(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -142,6 +153,37 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+
+
+class _BodyLimit:
+    """ASGI middleware: HTTP 413 for a request body over ``limit`` bytes. A ``Content-Length`` over
+    it is refused before any byte is read; a chunked body as soon as it passes the limit."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await APIError(413, self._message(length.decode("latin-1")), code="body_too_large"
+                                  ).response()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, self._message(f"over {seen}"))
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self, size: str) -> str:
+        return (f"The request body ({_clip(size, 20)} bytes) is larger than this server's limit of "
+                f"{self.limit} bytes (ServeConfig.max_body_bytes, --max-body-bytes).")
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -170,6 +212,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
 
     app = FastAPI(title="steerplug", version=_version(), lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -186,12 +229,12 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
             if "input" in first and not isinstance(first["input"], (dict, list)):
-                message += f" (got {first['input']!r})"
+                message += f" (got {_clip(repr(first['input']))})"
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail),
+        return APIError(exc.status_code, _clip(str(exc.detail), 500),
                         type="invalid_request_error" if exc.status_code < 500 else "server_error",
                         code="not_found" if exc.status_code == 404 else None).response()
 
@@ -267,10 +310,13 @@ class _Server:
             enabled = False
         steps = base.steps if opts.steps is None else opts.steps
         lr = next((v for v in (opts.strength, opts.lr) if v is not None), base.lr)
-        positions = opts.positions or base.positions
+        positions = base.positions if opts.positions is None else opts.positions
         if positions not in POSITIONS:
             raise APIError(400, f"steering.positions={positions!r}: expected one of {list(POSITIONS)}.",
                            param="steering.positions")
+        if lr > self.config.max_strength:
+            raise APIError(400, f"steering.strength={_clip(repr(lr))} exceeds this server's limit of "
+                                f"{self.config.max_strength}.", param="steering.strength")
         if steps > self.config.max_steps:
             raise APIError(400, f"steering.steps={steps} exceeds this server's limit of "
                                 f"{self.config.max_steps}.", param="steering.steps")
@@ -364,6 +410,10 @@ class _Server:
     # --- engine -> response --------------------------------------------------------------------------
     async def handle(self, body: _Common, chat: bool):
         reqs, steering = self.requests(body, chat)
+        if len(reqs) > self.config.max_concurrency:
+            raise APIError(400, f"n x prompts = {len(reqs)} exceeds this server's concurrency limit of "
+                                f"{self.config.max_concurrency}: the request can never run; send fewer.",
+                           param="n")
         if self.engine.load + len(reqs) > self.config.max_concurrency:
             raise APIError(429, f"The server is busy ({self.engine.load} requests in flight, limit "
                                 f"{self.config.max_concurrency}); retry shortly.",
@@ -495,12 +545,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_steered_model_arguments(p, what="default ")
     p.add_argument("--api-key", default=os.environ.get("STEERPLUG_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $STEERPLUG_API_KEY, else none)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens per request")
-    p.add_argument("--default-max-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-concurrency", type=int, default=64, help="in-flight requests before HTTP 429")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    p.add_argument("--max-steps", type=int, default=20, help="largest per-request steering steps")
+    # The limits: one flag per ServeConfig field, its default and its docstring's first line.
+    d = ServeConfig()
+    for name, kind, help_ in (("max_tokens", int, "largest max_tokens per request"),
+                              ("default_max_tokens", int, "max_tokens when a request gives none"),
+                              ("max_prompt_tokens", int, "longest prompt, in tokens"),
+                              ("max_concurrency", int, "in-flight requests before HTTP 429"),
+                              ("max_batch", int, "rows decoded together"),
+                              ("max_steps", int, "largest per-request steering steps"),
+                              ("max_choices", int, "largest n x prompts per request"),
+                              ("max_strength", float, "largest per-request steering strength"),
+                              ("max_body_bytes", int, "largest request body (HTTP 413 above it)")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{help_} (default: %(default)s)")
     p.add_argument("--log-level", default="info")
 
 
@@ -512,7 +569,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_name or _default_name(steered), api_key=args.api_key,
         max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
-        max_batch=args.max_batch, max_steps=args.max_steps)
+        max_batch=args.max_batch, max_steps=args.max_steps, max_choices=args.max_choices,
+        max_strength=args.max_strength, max_body_bytes=args.max_body_bytes)
     app = create_app(steered, config)
     print(f"Serving {config.model_name} on http://{args.host}:{args.port}/v1 "
           f"(steering: {steered.config if steered.can_steer else 'unavailable, no SAE'})", flush=True)

@@ -185,6 +185,9 @@ def test_stop_string(client):
     ({"extra_body": {"steering": {"strenght": 1.0}}}, "steering.strenght"),
     ({"extra_body": {"steering": {"strength": -1}}}, "steering.strength"),
     ({"extra_body": {"steering": {"strength": 1, "lr": 2}}}, "steering.strength"),
+    ({"extra_body": {"steering": {"strength": 1e308}}}, "steering.strength"),
+    ({"extra_body": {"steering": {"lr": 11.0}}}, "steering.strength"),
+    ({"extra_body": {"steering": {"positions": ""}}}, "steering.positions"),
     ({"extra_body": {"steering": "on"}}, "steering"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logprobs": True}, "logprobs"),
@@ -220,6 +223,9 @@ def test_raw_bad_bodies(live):
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
                     ).encode(), "text parts"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), "n"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), "messages.0.role"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], '
+         b'"steering": {"strength": Infinity}}', "steering.strength"),
     ]
     for raw, needle in cases:
         r = httpx.post(f"{url}/chat/completions", content=raw, headers={"content-type": "application/json"})
@@ -238,13 +244,40 @@ def test_raw_bad_bodies(live):
     assert httpx.get(f"{url}/models").status_code == 200
 
 
-def test_too_many_choices_is_429(steered):
+def test_more_choices_than_the_concurrency_limit_is_400_not_429(steered):
+    """An idle server that could never run the request says so (400), instead of "retry shortly"."""
     app = create_app(steered, model_name=MODEL, max_concurrency=2)
     with LiveServer(app) as srv:
         c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0)
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=MODEL, prompt="a", max_tokens=2, n=3)
+        assert err.value.body["param"] == "n" and "never" in err.value.body["message"]
         assert c.completions.create(model=MODEL, prompt="a", max_tokens=2, n=2).choices
+
+
+def test_oversize_and_wrong_typed_bodies_are_refused_cheaply(steered):
+    """413 before the body is read (Content-Length) and while it streams (chunked); an error never
+    echoes a huge input; the server answers normally afterwards."""
+    app = create_app(steered, model_name=MODEL, max_body_bytes=10_000)
+    with LiveServer(app) as srv:
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 50_000}]}).encode()
+        t0 = time.perf_counter()
+        r = httpx.post(f"{srv.url}/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+        assert "10000" in r.json()["error"]["message"]
+
+        def chunks():
+            for i in range(0, len(big), 4096):
+                yield big[i:i + 4096]
+
+        r = httpx.post(f"{srv.url}/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert time.perf_counter() - t0 < 10
+        wrong = json.dumps({"model": MODEL, "messages": "y" * 9_000}).encode()
+        r = httpx.post(f"{srv.url}/chat/completions", content=wrong, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and len(r.content) < 1_000, len(r.content)
+        c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0)
+        assert c.completions.create(model=MODEL, prompt="a", max_tokens=2).choices
 
 
 def test_api_key(steered):
@@ -396,6 +429,8 @@ def test_cli_serve_arguments(monkeypatch):
     args = parser.parse_args(["serve", "--port", "9001", "--steps", "2", "--max-batch", "4"])
     assert (args.host, args.port, args.steps, args.max_batch, args.api_key) == ("127.0.0.1", 9001, 2, 4, "from-env")
     assert args._module == "steerplug.serve"
+    d = ServeConfig()  # every limit is a flag whose default is ServeConfig's
+    assert (args.max_choices, args.max_strength, args.max_body_bytes) == (d.max_choices, d.max_strength, d.max_body_bytes)
 
 
 def test_client_disconnect_frees_the_row(live):
