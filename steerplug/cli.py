@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help)
@@ -83,7 +84,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback, unless asked for
+        hint = _failure_hint(exc)
+        if hint is None or os.environ.get("STEERPLUG_DEBUG"):
+            raise
+        print(f"steerplug {args.command}: {hint}", file=sys.stderr)
+        return 1
+
+
+def _failure_hint(exc: BaseException) -> str | None:
+    """One line for the failures a user can fix (network, Hub, files, bad values); None for bugs."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    name = type(exc).__name__
+    if isinstance(exc, OfflineModeIsEnabled):
+        return (f"needs the Hugging Face Hub, but offline mode is on ({exc}). Unset HF_HUB_OFFLINE "
+                "and connect, or use a local folder.")
+    if isinstance(exc, HfHubHTTPError):
+        return f"the Hugging Face Hub refused the request: {str(exc).splitlines()[0]}. Check the repo id and your token (hf auth login)."
+    if isinstance(exc, ConnectionError) or name in ("ConnectError", "ConnectTimeout", "ReadTimeout") \
+            or "ConnectError" in repr(exc.__cause__ or exc.__context__ or ""):
+        return f"could not reach the network ({name}: {exc}). Check the connection, or work offline from local folders."
+    if isinstance(exc, (FileNotFoundError, ValueError)):
+        return f"{exc} (STEERPLUG_DEBUG=1 shows the traceback)"
+    return None
 
 
 if __name__ == "__main__":

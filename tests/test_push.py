@@ -215,3 +215,19 @@ def test_push_to_hub_methods_delegate(monkeypatch):
     assert uploads[0]["uploaded"] == ["README.md", "cfg.json", "sae_weights.safetensors"]
     assert uploads[1]["uploaded"] == ["README.md", "steering_vector.json", "steering_vector.safetensors"]
     assert "sparse-autoencoder" in uploads[0]["card"] and "steering-vector" in uploads[1]["card"]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_push_without_a_network_ends_in_one_line_not_a_traceback(tmp_path, env):
+    """Offline mode and an unreachable Hub: exit 1 and one line that says what failed and what to do."""
+    import os
+    import subprocess
+    import sys
+
+    folder = SparseAutoencoder.random(16, 32, hook_name="blocks.1.hook_resid_post").save_pretrained(tmp_path / "sae")
+    r = subprocess.run([sys.executable, "-m", "steerplug.cli", "push", str(folder), "me/x", "--token", "hf_fake"],
+                       capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("steerplug push: ") and "Traceback" not in r.stderr, r.stderr
+    assert ("offline mode" in lines[0]) if env["HF_HUB_OFFLINE"] == "1" else ("could not reach" in lines[0])
