@@ -23,6 +23,8 @@ No lm_eval import here: :mod:`steerplug.lm_eval_plugin` and :mod:`steerplug.repo
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -112,7 +114,9 @@ def _clamp_grad_fn_for(steered: SteeredModel, clamp_value: float | None):
 
     def grad_fn_for(device: torch.device):
         if device not in cache:
-            sae = steered.sae.to(device=device, dtype=torch.float32)
+            sae = steered.sae
+            if sae.W_dec.device != device or sae.W_dec.dtype != torch.float32:
+                sae = copy.deepcopy(sae).to(device=device, dtype=torch.float32)  # the user's SAE stays as it is
             W_dec = sae.W_dec.detach()[feats.to(device)]  # (S, D)
             target = target_vals.to(device)
             f_idx = feats.to(device)

@@ -120,3 +120,11 @@ def test_prefix_direction_contrasts_the_two_forced_prefixes():
     assert d.shape == (64,) and d.norm() > 0
     same = prefix_direction(s.model, s.tokenizer, s.hook_point, ["how do I do x"], "Yes", "Yes")
     assert torch.equal(same, torch.zeros(64))
+
+
+def test_clamp_leaves_the_users_sae_where_and_as_it_was():
+    s = _steered()
+    s.sae.to(torch.bfloat16)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    _before_after(s, Intervention(kind="clamp"), ids)
+    assert s.sae.W_dec.dtype == torch.bfloat16 and s.sae.W_enc.dtype == torch.bfloat16
