@@ -157,7 +157,7 @@ class SteeredModel:
         self.config = config or SteeringConfig()
         self.gate = gate
         self.sites: list[Site] = []
-        self._enabled = True
+        self._local = threading.local()  # disabled() is per thread
         self._lock = threading.RLock()
         self._grad_fns: dict[Any, Any] = {}
         self._objectives: dict[tuple, FeatureObjective] = {}
@@ -382,7 +382,7 @@ class SteeredModel:
 
     # --- hooks ----------------------------------------------------------------------------------
     def _active(self, config: SteeringConfig) -> bool:
-        return self._enabled and self.can_steer and config.steps > 0
+        return getattr(self._local, "enabled", True) and self.can_steer and config.steps > 0
 
     def gate_pass(self, config: SteeringConfig | None = None):
         """The gate's pass for the hooks (None without a gate or with ``use_gate=False``)."""
@@ -434,23 +434,26 @@ class SteeredModel:
     def steering(self, state: CallState | None = None, config: SteeringConfig | None = None,
                  **overrides: Any) -> Iterator[CallState]:
         """``with steered.steering(): model(...)`` steers the wrapped model's own calls (gated, if
-        there is a gate). Calls from several threads take turns: hooks are per model, not per call."""
+        there is a gate). Calls from several threads take turns, unsteered ones too: hooks are per
+        model, not per call, so an unsteered call running beside a steered one would be steered."""
         config = config or self._resolve_config(dict(overrides))
         state = state or CallState()
-        if not self._active(config):
-            yield state
-            return
-        with self._lock, self._install(config, state):
-            yield state
+        with self._lock:
+            if not self._active(config):
+                yield state
+                return
+            with self._install(config, state):
+                yield state
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Within this block the model runs exactly as unwrapped."""
-        previous, self._enabled = self._enabled, False
+        """Within this block (in this thread) the model runs exactly as unwrapped."""
+        previous = getattr(self._local, "enabled", True)
+        self._local.enabled = False
         try:
             yield
         finally:
-            self._enabled = previous
+            self._local.enabled = previous
 
     # --- the HF surface -------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor | None = None, *,

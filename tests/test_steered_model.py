@@ -259,3 +259,33 @@ def test_push_inactive_reaches_the_hook_and_equals_its_one_step_edit():
     finally:
         handle.remove()
     torch.testing.assert_close(pushed, by_hand, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_from_several_threads_equals_each_call_alone():
+    """Hooks are per model: concurrent calls with different settings must not share hooks or state."""
+    import threading
+
+    s = _steered("llama", steps=3, lr=0.5, positions="all")
+    ids = _ids(seed=3, batch=2, length=10)
+    settings = [{"steps": 0}, {"steps": 3, "lr": 0.5}, {"steps": 1, "lr": 2.0}, {"steps": 5, "lr": 0.2}] * 3
+    alone = [s.generate(ids, max_new_tokens=6, do_sample=False, **kw) for kw in settings[:4]]
+    assert len({tuple(a.flatten().tolist()) for a in alone}) > 1  # the settings really differ
+    out: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(len(settings))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        if i % 4 == 0 and i:  # disabled() in one thread is not disabled() in the others
+            with s.disabled():
+                out[i] = s.generate(ids, max_new_tokens=6, do_sample=False, steps=3, lr=0.5)
+            return
+        out[i] = s.generate(ids, max_new_tokens=6, do_sample=False, **settings[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(settings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(out) == list(range(len(settings)))
+    for i, got in out.items():
+        assert torch.equal(got, alone[i % 4]), settings[i]
