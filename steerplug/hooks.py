@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,9 @@ class CallState:
     """True while the gate's own truncated forward runs: every steering hook stands aside."""
     steered_positions: int = 0
     """Running count of positions that were steered (for diagnostics and tests)."""
+    nonfinite: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``{site: 0-d bool tensor}``: whether a steered activation there was NaN or inf in this
+    forward call, kept on the device (no host sync per layer) and checked once after the call."""
 
 
 def _past_length(args: tuple, kwargs: dict) -> int:
@@ -194,15 +197,12 @@ def make_steer_fn(grad_fn_for: Callable[[torch.device], Callable[[torch.Tensor],
             if state.row_steps is not None:
                 steps = state.row_steps.to(h.device)[row_of].unsqueeze(-1)  # (N, 1)
         new = gradient_steer(x.float(), grad_fn_for(h.device), config.steps, lr,
-                             normalize=config.normalize, max_delta=config.max_delta, row_steps=steps)
-        if config.check_finite and not torch.isfinite(new).all():
-            raise SteeringError(
-                f"Steering at {point_name} produced NaN or inf activations"
-                f"{'' if torch.isfinite(x).all() else ' (the incoming activations were already non-finite)'}. "
-                "Lower lr or steps, set max_delta, or check the SAE and vector for extreme values."
-            )
+                             normalize=config.normalize, max_delta=config.max_delta,
+                             row_steps=steps).to(h.dtype)  # checked after the cast: fp16 overflow counts
+        if config.check_finite:
+            bad = ~torch.isfinite(new).all()
+            state.nonfinite[point_name] = bad if point_name not in state.nonfinite else state.nonfinite[point_name] | bad
         state.steered_positions += x.shape[0]
-        new = new.to(h.dtype)
         if rows is None:
             return new.reshape(B, T, D)
         out = h.clone()
@@ -254,6 +254,21 @@ class HookHandle:
 Steer = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _make_finite_check(state: CallState) -> Callable:
+    """A post-hook on the whole model: raise :class:`SteeringError` if a steering hook produced NaN
+    or inf in this call. One host sync per forward call, however many sites and layers steer."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        flags, state.nonfinite = state.nonfinite, {}
+        if flags and bool(torch.stack([f.to(next(iter(flags.values())).device) for f in flags.values()]).any()):
+            where = [name for name, f in flags.items() if bool(f)]
+            raise SteeringError(
+                f"Steering at {', '.join(where)} produced NaN or inf activations (after the cast to the "
+                "model's dtype). Lower lr or steps, set max_delta, use float32 or bfloat16 instead of "
+                "float16, or check the SAE and vector for extreme values.")
+    return hook
+
+
 def install_hooks(model: nn.Module, point: HookPoint | list[tuple[HookPoint, Steer]],
                   steer: Steer | None, state: CallState, gate_pass: GatePass | None = None) -> HookHandle:
     """Register the call-state pre-hook (running ``gate_pass`` if given) and one steering hook per
@@ -266,6 +281,7 @@ def install_hooks(model: nn.Module, point: HookPoint | list[tuple[HookPoint, Ste
     handles: list[RemovableHandle] = []
     try:
         handles.append(model.register_forward_pre_hook(_make_call_hook(state, gate_pass), with_kwargs=True))
+        handles.append(model.register_forward_hook(_make_finite_check(state)))
         for p, fn in sites:
             if p.io == "output":
                 handles.append(p.module.register_forward_hook(_output_hook(fn)))

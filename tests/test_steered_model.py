@@ -148,7 +148,7 @@ def test_no_hook_remains_after_exceptions_and_many_calls():
         steered.generate(ids[:, :3], max_new_tokens=1, do_sample=False)
     assert _hook_count(steered.model) == before == 0
     handle = steered.hooks()
-    assert _hook_count(steered.model) == 2
+    assert _hook_count(steered.model) == 3  # the call-state pre-hook, the finite check, the site
     handle.remove()
     handle.remove()  # idempotent
     assert _hook_count(steered.model) == 0
@@ -233,6 +233,22 @@ def test_nan_in_steered_activations_raises():
     with pytest.raises(SteeringError, match="NaN or inf"):
         steered(_ids(9))
     assert _hook_count(steered.model) == 0
+
+
+def test_float16_overflow_after_the_cast_raises_with_one_check_per_call():
+    """A finite float32 step that overflows float16 on the cast back is caught; the check runs once
+    per forward call (a post-hook on the model), not once per steered layer."""
+    sae, vec = _artifacts()
+    model = make_tiny_model("llama").to(torch.float16)
+    steered = SteeredModel(model, make_byte_tokenizer(), sae, vec,
+                           directions={f"blocks.{LAYER}.hook_resid_post": torch.full((HIDDEN,), 1e5)},
+                           config=SteeringConfig(method="add", steps=1, lr=1.0, normalize=False, max_delta=None,
+                                                 positions="all"))
+    with pytest.raises(SteeringError, match="after the cast"):
+        steered(_ids(9))
+    assert _hook_count(steered.model) == 0
+    steered.config.lr = 1e-3  # 100 per coordinate: fine in float16
+    steered(_ids(9))
 
 
 def test_missing_vector_or_sae():
