@@ -361,8 +361,17 @@ class BatchEngine:
             if self.batch_wait_s:
                 time.sleep(self.batch_wait_s)  # let a burst of concurrent requests arrive together
             first = self._take(self.max_batch)
-            if first:
+            if not first:
+                continue
+            try:
                 self._run(first)
+            except BaseException:  # KeyboardInterrupt, SystemExit...: the engine stops, no caller hangs
+                with self._cond:
+                    self._closed = True
+                    for stream in self._waiting:
+                        stream._put(ErrorEvent(RuntimeError("The batch engine stopped.")))
+                    self._waiting.clear()
+                raise
 
     @torch.inference_mode()
     def _run(self, streams: list[RequestStream]) -> None:
@@ -410,6 +419,13 @@ class BatchEngine:
                         mask, pos, last = mask[idx], pos[idx], last[idx]
                         cache, mask = _trim_left(cache, mask)
                 self._running = len(rows)
+                if self._closed:  # close() during a decode: end the rows in flight, now
+                    for r in rows:
+                        r.stream._put(ErrorEvent(RuntimeError("The batch engine was closed.")))
+                    for s in newcomers:
+                        if not any(r.stream is s for r in rows):
+                            s._put(ErrorEvent(RuntimeError("The batch engine was closed.")))
+                    return
                 room = self.max_batch - len(rows)
                 newcomers = self._take(room) if room > 0 and _joinable(cache) else []
                 if not rows:

@@ -53,3 +53,55 @@ def test_request_validation():
         GenerationRequest([1], positions="middle")
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationRequest([1], max_new_tokens=0)
+
+
+def _engine_model():
+    sae = SparseAutoencoder.random(HIDDEN, 256, hook_name="blocks.2.hook_resid_post")
+    vector = SteeringVector.from_dense(torch.randn(256, generator=torch.Generator().manual_seed(3)), top_k=32)
+    return SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), sae, vector)
+
+
+def test_close_stops_a_decode_in_flight():
+    import time
+
+    with BatchEngine(_engine_model(), max_batch=2) as engine:
+        stream = engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=100_000))
+        deadline = time.time() + 30
+        while engine.stats["forward_calls"] < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        engine.close(timeout=30)
+        assert time.perf_counter() - t0 < 5
+        assert engine._thread is None  # noqa: SLF001 - joined
+        with pytest.raises(RuntimeError, match="closed"):
+            stream.result()
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.submit(GenerationRequest([5], max_new_tokens=2))
+
+
+def test_a_base_exception_in_the_loop_fails_every_caller_instead_of_leaving_them_hanging(monkeypatch):
+    import threading
+
+    class Stop(BaseException):
+        pass
+
+    engine = BatchEngine(_engine_model(), max_batch=1)
+    real = engine._forward  # noqa: SLF001
+    gate = threading.Event()
+
+    def boom(*args, **kwargs):
+        gate.wait(10)  # let the second request queue up behind the first
+        raise Stop("simulated interrupt")
+
+    monkeypatch.setattr(engine, "_forward", boom)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread re-raises it: expected
+    first = engine.submit(GenerationRequest([5, 6], max_new_tokens=3))
+    second = engine.submit(GenerationRequest([7, 8], max_new_tokens=3))
+    gate.set()
+    with pytest.raises(Stop):
+        first.result()
+    with pytest.raises(RuntimeError, match="stopped"):
+        second.result()  # queued behind it: told, not left waiting forever
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(GenerationRequest([5], max_new_tokens=2))
+    monkeypatch.setattr(engine, "_forward", real)
