@@ -186,6 +186,23 @@ class _BodyLimit:
                 f"{self.limit} bytes (ServeConfig.max_body_bytes, --max-body-bytes).")
 
 
+class _ApiKey:
+    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer <key>``. (A pure ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` hides a client's disconnect from the handler.)"""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not secrets.compare_digest(token, self.key):
+                return await APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                                      code="invalid_api_key").response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 # --- the app ---------------------------------------------------------------------------------------
 def create_app(steered: Any, config: ServeConfig | None = None, *, engine: BatchEngine | None = None,
                **config_kwargs: Any) -> FastAPI:
@@ -243,15 +260,8 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         logger.exception("Unhandled error")
         return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), config.api_key.encode()):
-                return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_ApiKey, key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -268,12 +278,12 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         return server.model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await server.handle(body, chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await server.handle(body, chat=True, request=request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await server.handle(body, chat=False)
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.handle(body, chat=False, request=request)
 
     return app
 
@@ -408,7 +418,7 @@ class _Server:
         return reqs, steering
 
     # --- engine -> response --------------------------------------------------------------------------
-    async def handle(self, body: _Common, chat: bool):
+    async def handle(self, body: _Common, chat: bool, request: Request | None = None):
         reqs, steering = self.requests(body, chat)
         if len(reqs) > self.config.max_concurrency:
             raise APIError(400, f"n x prompts = {len(reqs)} exceeds this server's concurrency limit of "
@@ -428,6 +438,8 @@ class _Server:
             return StreamingResponse(self._stream(streams, meta, chat, steering, include_usage, echo),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # uvicorn does not cancel a handler whose client went away: watch for it, and stop generating.
+        watcher = asyncio.create_task(self._cancel_on_disconnect(request, streams)) if request else None
         try:
             results = await asyncio.gather(*(s.aresult() for s in streams))
         except BaseException as exc:
@@ -437,6 +449,9 @@ class _Server:
                 raise APIError(500, f"Generation failed: {type(exc).__name__}: {exc}",
                                type="server_error") from exc
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         choices = []
         for i, res in enumerate(results):
             text = (echo[i] if echo else "") + res.text
@@ -452,6 +467,15 @@ class _Server:
         return {**meta, "object": "chat.completion" if chat else "text_completion",
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
                 "steering": steering}
+
+    @staticmethod
+    async def _cancel_on_disconnect(request: Request, streams: list[RequestStream], every_s: float = 0.25) -> None:
+        while not all(s.cancelled for s in streams):
+            await asyncio.sleep(every_s)
+            if await request.is_disconnected():
+                for s in streams:
+                    s.cancel()
+                return
 
     async def _stream(self, streams: list[RequestStream], meta: dict, chat: bool, steering: dict,
                       include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:

@@ -433,20 +433,50 @@ def test_cli_serve_arguments(monkeypatch):
     assert (args.max_choices, args.max_strength, args.max_body_bytes) == (d.max_choices, d.max_strength, d.max_body_bytes)
 
 
-def test_client_disconnect_frees_the_row(live):
-    """Closing a stream mid-way cancels its row; the engine drains and the server keeps serving."""
+def _slow_engine(engine, monkeypatch, delay=0.5):
+    """Each decode step takes at least ``delay`` s: 64 tokens take >= 30 s, so a request that stops
+    within a few seconds was cancelled, not finished."""
+    real = engine._forward  # noqa: SLF001
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", slow)
+
+
+def _drained_within(engine, seconds) -> bool:
+    deadline = time.time() + seconds
+    while engine.load and time.time() < deadline:
+        time.sleep(0.05)
+    return engine.load == 0
+
+
+def test_client_disconnect_frees_the_row(live, monkeypatch):
+    """Closing a stream mid-way cancels its row at once; the server keeps serving."""
     engine = live.app.state.server.engine
+    _slow_engine(engine, monkeypatch)
     with httpx.stream("POST", f"{live.url}/chat/completions", timeout=60,
                       json={"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
-                            "max_tokens": 64, "temperature": 0, "stream": True}) as r:
+                            "max_tokens": 64, "temperature": 0, "stream": True,
+                            "stop": ["never-in-a-byte-model-answer"]}) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-    deadline = time.time() + 30
-    while engine.load and time.time() < deadline:
-        time.sleep(0.05)
-    assert engine.load == 0
+    assert _drained_within(engine, 5)
+    assert httpx.get(f"{live.url}/models").status_code == 200
+
+
+def test_non_streamed_request_stops_when_its_client_goes_away(live, monkeypatch):
+    engine = live.app.state.server.engine
+    _slow_engine(engine, monkeypatch)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/completions", timeout=1.0,
+                   json={"model": MODEL, "prompt": "go on", "max_tokens": 64, "temperature": 0,
+                         "stop": ["never-in-a-byte-model-answer"]})
+    assert engine.load > 0  # it was generating ...
+    assert _drained_within(engine, 5)  # ... and stopped soon after the client left
     assert httpx.get(f"{live.url}/models").status_code == 200
 
 
