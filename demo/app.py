@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default of the strength slider (default: the loaded steering configuration's)")
     p.add_argument("--max-new-tokens", type=int, default=int(env("STEERPLUG_MAX_NEW_TOKENS", "96")))
     p.add_argument("--max-batch", type=int, default=int(env("STEERPLUG_MAX_BATCH", "16")))
+    p.add_argument("--max-prompt-tokens", type=int, default=int(env("STEERPLUG_MAX_PROMPT_TOKENS", "1024")),
+                   help="longest conversation answered, in tokens (longer ones are refused before any work)")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--queue-size", type=int, default=int(env("STEERPLUG_QUEUE_SIZE", "32")))
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | None = None,
-               strength: float | None = None, max_new_tokens: int = 96) -> gr.Blocks:
+               strength: float | None = None, max_new_tokens: int = 96,
+               max_prompt_tokens: int = 1024) -> gr.Blocks:
     """The demo; the sliders start at the steered model's configuration (for the default model, the
     shipped bundle's) unless ``steps`` / ``strength`` are given."""
     steered = engine.steered
@@ -80,10 +83,21 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | Non
         if not message:
             yield plain_hist, steered_hist, "", gr.skip(), gr.skip(), "Type a message first."
             return
+        if len(message) > 8 * max_prompt_tokens:  # no tokenizer call on a huge message
+            yield (plain_hist, steered_hist, message, gr.skip(), gr.skip(),
+                   f"That message has {len(message):,} characters; this demo takes up to "
+                   f"{max_prompt_tokens} tokens of conversation. Shorten it or clear the chat.")
+            return
         settings = DemoSettings(enabled=bool(enabled), steps=int(n_steps), strength=float(lr),
                                 positions=positions, max_new_tokens=int(max_tokens))
         plain_ids = chat_prompt_ids(engine, plain_hist, message)
         steered_ids = chat_prompt_ids(engine, steered_hist, message)
+        longest = max(len(plain_ids), len(steered_ids))
+        if longest > max_prompt_tokens:
+            yield (plain_hist, steered_hist, message, gr.skip(), gr.skip(),
+                   f"The conversation is {longest} tokens; this demo takes up to {max_prompt_tokens}. "
+                   "Shorten the message or clear the chat.")
+            return
         user = {"role": "user", "content": message}
         plain_hist = plain_hist + [user, {"role": "assistant", "content": ""}]
         steered_hist = steered_hist + [user, {"role": "assistant", "content": ""}]
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                                  sae_subfolder=args.sae_subfolder, vector_subfolder=args.vector_subfolder)
     engine = BatchEngine(steered, max_batch=args.max_batch).start()
     demo = build_demo(engine, note, steps=args.steps, strength=args.strength,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,
                 theme=gr.themes.Base(font=["ui-sans-serif", "system-ui", "sans-serif"],

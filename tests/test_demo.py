@@ -237,3 +237,22 @@ def test_demo_sliders_start_at_the_loaded_steering_configuration(engine):
     assert (v["steps"], v["strength"], v["positions"]) == (3, 0.5, "generated")  # the engine's config
     v = values(app.build_demo(engine, steps=1, strength=0.3))
     assert (v["steps"], v["strength"]) == (1, 0.3)
+
+
+def test_demo_refuses_an_overlong_message_before_any_work(engine):
+    sys.path.insert(0, str(REPO / "demo"))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO / "demo"))
+    demo = app.build_demo(engine, max_prompt_tokens=64)
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    respond = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "respond")
+    before = engine.stats["requests"]
+    for message, needle in (("x" * 40_000, "40,000 characters"), ("hello " * 30, "tokens")):
+        out = list(respond(message, [], [], True, 3, 0.5, "generated", 8))
+        assert len(out) == 1 and needle in out[0][-1], out
+        assert out[0][2] == message.strip()  # the text stays in the box: nothing is lost
+    assert engine.stats["requests"] == before  # nothing was generated
+    out = list(respond("hi", [], [], True, 3, 0.5, "generated", 4))
+    assert engine.stats["requests"] == before + 2 and "done" in out[-1][-1]  # a short one is answered
