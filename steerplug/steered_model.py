@@ -128,6 +128,28 @@ class Site:
         return self.direction is not None if method == "add" else self.sae is not None
 
 
+def _stamp(site: Site) -> tuple:
+    """What a cached objective or step function of ``site`` was built from: the SAE, vector and
+    direction objects (compared by identity, so a reused ``id()`` cannot match) and the version
+    counters of their tensors (so an in-place edit invalidates it)."""
+    tensors = []
+    if site.sae is not None:
+        tensors += list(site.sae.parameters())
+    if site.vector is not None:
+        tensors += [t for t in (site.vector.indices, site.vector.values, getattr(site.vector, "_dense", None))
+                    if isinstance(t, torch.Tensor)]
+    if site.direction is not None:
+        tensors.append(site.direction)
+    return (site.sae, site.vector, site.direction), tuple(t._version for t in tensors)
+
+
+def _fresh(entry: tuple | None, stamp: tuple) -> bool:
+    if entry is None:
+        return False
+    (objs, versions), _ = entry
+    return all(a is b for a, b in zip(objs, stamp[0])) and versions == stamp[1]
+
+
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -160,7 +182,7 @@ class SteeredModel:
         self._local = threading.local()  # disabled() is per thread
         self._lock = threading.RLock()
         self._grad_fns: dict[Any, Any] = {}
-        self._objectives: dict[tuple, FeatureObjective] = {}
+        self._objectives: dict[tuple, tuple[tuple, FeatureObjective]] = {}
         saes = [] if sae is None else _as_list(sae)
         vectors = [] if vector is None else _as_list(vector)
         if not saes:
@@ -334,26 +356,27 @@ class SteeredModel:
                           site: Site | None = None) -> FeatureObjective:
         """The ``encode(h) . w`` objective of ``site`` (default: the primary one) on ``device``
         (default: its layer's), built once per device and site and reused (by the hooks, and for
-        diagnostics). After editing an SAE or vector in place, call :meth:`refresh`."""
+        diagnostics); rebuilt when the site's SAE or vector is replaced or edited in place."""
         site = self._site_of(site)
         device = torch.device(device) if device is not None else module_device(site.hook_point.module)
-        key = (device, site.hook_point.name)
-        objective = self._objectives.get(key)
-        if objective is None:
-            objective = self._objectives[key] = FeatureObjective(site.sae, site.vector, device)
-        return objective
+        key, stamp = (device, site.hook_point.name), _stamp(site)
+        entry = self._objectives.get(key)
+        if not _fresh(entry, stamp):
+            entry = self._objectives[key] = (stamp, FeatureObjective(site.sae, site.vector, device))
+        return entry[1]
 
     def refresh(self) -> None:
-        """Forget every cached objective and gradient function (after in-place edits)."""
+        """Forget every cached objective and step function (they are also rebuilt by themselves
+        when a site's SAE, vector or direction is replaced or edited in place)."""
         self._objectives.clear()
         self._grad_fns.clear()
 
     def _grad_fn(self, site: Site, config: SteeringConfig, device: torch.device):
         """The step function of ``site`` for ``config`` on ``device``, built once."""
-        key = (site.hook_point.name, device, config.method, config.push_inactive)
-        fn = self._grad_fns.get(key)
-        if fn is not None:
-            return fn
+        key, stamp = (site.hook_point.name, device, config.method, config.push_inactive), _stamp(site)
+        entry = self._grad_fns.get(key)
+        if _fresh(entry, stamp):
+            return entry[1]
         if config.method == "add":  # _install only passes sites with a direction
             fn = add_step(site.direction)
         elif self.objective is not None:
@@ -373,7 +396,7 @@ class SteeredModel:
                 fn = functools.partial(objective.grad, push_inactive=True)
             else:
                 fn = objective.grad
-        self._grad_fns[key] = fn
+        self._grad_fns[key] = (stamp, fn)
         return fn
 
     def _resolve_config(self, overrides: dict[str, Any]) -> SteeringConfig:

@@ -305,3 +305,18 @@ def test_generate_from_several_threads_equals_each_call_alone():
     assert sorted(out) == list(range(len(settings)))
     for i, got in out.items():
         assert torch.equal(got, alone[i % 4]), settings[i]
+
+
+def test_in_place_edits_of_the_sae_or_vector_take_effect_without_refresh():
+    sae, vec = _artifacts()
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    s = SteeredModel(model, tok, sae, vec, config=SteeringConfig(lr=0.5, positions="all"))
+    ids = _ids(4)
+    first = s(ids).logits
+    with torch.no_grad():
+        sae.W_enc.mul_(-1.0)  # in place: the cached objective is now stale
+        vec.values.mul_(3.0)
+    fresh = SteeredModel(model, tok, sae, vec, config=SteeringConfig(lr=0.5, positions="all"))
+    want = fresh(ids).logits
+    assert not torch.allclose(first, want)
+    assert torch.equal(s(ids).logits, want)
