@@ -117,17 +117,23 @@ def test_sampling_and_streamer_pass_through():
     torch.manual_seed(0)
     b = steered.generate(ids, max_new_tokens=5, do_sample=True, top_k=20)
     assert torch.equal(a, b)
-    streamer = TextIteratorStreamer(steered.tokenizer)
-    steered.generate(ids, max_new_tokens=5, do_sample=False, streamer=streamer)
-    assert len("".join(streamer)) > 0
+    streamer = TextIteratorStreamer(steered.tokenizer, skip_prompt=True)
+    out = steered.generate(ids, max_new_tokens=5, do_sample=False, streamer=streamer)
+    assert "".join(streamer) == steered.tokenizer.decode(out[0, ids.shape[1]:])
 
 
 def test_chat_uses_the_template():
-    steered = _steered("qwen2")
-    text = steered.chat([{"role": "user", "content": "hi"}], max_new_tokens=5)
-    assert isinstance(text, str)
+    steered = _steered("qwen2", positions="all")
+    msgs = [{"role": "user", "content": "hi"}]
+    ids = steered.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+    out = steered.generate(ids, max_new_tokens=5, do_sample=False)
+    assert steered.chat(msgs, max_new_tokens=5) == steered.tokenizer.decode(out[0, ids.shape[1]:],
+                                                                            skip_special_tokens=True)
     with steered.disabled():
-        assert isinstance(steered.chat("hi", max_new_tokens=5), str)
+        plain = steered.chat("hi", max_new_tokens=5)  # a string is one user message
+        want = steered.model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert plain == steered.tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_no_hook_remains_after_exceptions_and_many_calls():

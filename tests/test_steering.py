@@ -95,6 +95,7 @@ def test_normalised_step_and_delta_bound():
     one = gradient_steer(h, obj.grad, steps=1, lr=0.1, normalize=True, max_delta=None)
     rel = (one - h).norm(dim=-1) / h.norm(dim=-1)
     moved = rel > 0
+    assert moved.sum() >= 8  # most rows have an active steered feature: the check below is not vacuous
     torch.testing.assert_close(rel[moved], torch.full_like(rel[moved], 0.1))
     big = gradient_steer(h, obj.grad, steps=5, lr=1.0, normalize=True, max_delta=0.3)
     assert ((big - h).norm(dim=-1) / h.norm(dim=-1)).max() <= 0.3 + 1e-5
