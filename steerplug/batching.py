@@ -50,7 +50,8 @@ class GenerationRequest:
     max_new_tokens: int = 64
     """Upper bound on generated tokens."""
     temperature: float = 0.0
-    """0 = greedy; otherwise softmax temperature."""
+    """0 = greedy; otherwise softmax temperature. Below :data:`MIN_TEMPERATURE` it is greedy too
+    (``logits / 1e-300`` overflows to inf, and softmax to NaN)."""
     top_p: float = 1.0
     """Nucleus sampling mass, in (0, 1]."""
     seed: int | None = None
@@ -453,7 +454,7 @@ class BatchEngine:
     def _new_row(self, stream: RequestStream) -> _Row:
         seed = stream.request.seed
         gen = None
-        if stream.request.temperature > 0:
+        if stream.request.temperature >= MIN_TEMPERATURE:
             gen = torch.Generator(device=self.steered.device)
             # Any integer is a valid seed: fold it into torch's accepted range [0, 2**64).
             gen.manual_seed(seed & (2**64 - 1) if seed is not None
@@ -550,8 +551,13 @@ class BatchEngine:
         """Pick each row's next token, emit it, mark finished rows; returns ``(B,)`` tokens."""
         next_ids = logits.argmax(dim=-1)  # (B,)
         for i, r in enumerate(rows):
-            if r.req.temperature > 0:
-                next_ids[i] = _sample_row(logits[i], r.req.temperature, r.req.top_p, r.generator)
+            if r.req.temperature >= MIN_TEMPERATURE:
+                try:
+                    next_ids[i] = _sample_row(logits[i], r.req.temperature, r.req.top_p, r.generator)
+                except Exception as exc:  # noqa: BLE001 - this row's failure; the others go on
+                    logger.exception("Sampling failed for one request")
+                    r.done = "error"
+                    r.stream._put(ErrorEvent(exc))
         for i, r in enumerate(rows):
             if r.done is not None:
                 continue
@@ -611,6 +617,10 @@ class BatchEngine:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+MIN_TEMPERATURE = 1e-4
+"""Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
+
+
 def _sample_row(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token from ``(V,)`` logits with temperature and nucleus filtering."""
