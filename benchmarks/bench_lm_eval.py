@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--random-sae", action="store_true",
+                   help="time a random ReLU SAE (not the shipped TopK one; figures not comparable)")
     p.add_argument("--layer", type=int, default=15, help="hook layer of the random SAE fallback")
     p.add_argument("--d-sae", type=int, default=4608, help="width of the random SAE fallback")
     p.add_argument("--features", type=int, default=64, help="non-zeros of the random vector fallback")
@@ -64,7 +66,10 @@ def main() -> int:
 
     torch.manual_seed(0)
     model, tok = load_model(None)
-    artifacts = default_artifacts_dir()
+    artifacts = None if args.random_sae else default_artifacts_dir()
+    if artifacts is None and not args.random_sae:
+        raise SystemExit("hub_artifacts/SmolLM2-135M-Instruct is missing, so the shipped SAE cannot be timed; "
+                         "pass --random-sae to time a random ReLU SAE instead (not comparable).")
     if artifacts is not None:
         sae = SparseAutoencoder.from_pretrained(artifacts, subfolder="sae")
         vec = SteeringVector.from_pretrained(artifacts, subfolder="vector")

@@ -11,6 +11,7 @@ The SAE is the shipped one (hub_artifacts/) when present, else a random one of t
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import resource
 import statistics
@@ -35,9 +36,13 @@ def build(vector_kind: str, d_sae: int = 4608):
         sae = SparseAutoencoder.from_pretrained(folder, subfolder="sae")
         shipped = SteeringVector.from_pretrained(folder, subfolder="vector")
         w = shipped.dense()
-    else:
+    elif os.environ.get("STEERPLUG_BENCH_RANDOM_SAE"):
         sae = SparseAutoencoder.random(576, d_sae, hook_name="blocks.15.hook_resid_post", seed=0)
         w = torch.randn(d_sae, generator=torch.Generator().manual_seed(0))
+    else:  # a random ReLU SAE is far cheaper than the shipped TopK one: never swap it in silently
+        raise SystemExit("hub_artifacts/SmolLM2-135M-Instruct/sae is missing, so the shipped SAE cannot be "
+                         "timed. Set STEERPLUG_BENCH_RANDOM_SAE=1 to time a random ReLU SAE instead (not "
+                         "comparable with the figures in BENCHMARKS.md).")
     vec = (SteeringVector.from_dense(w, top_k=64) if vector_kind == "sparse64"
            else SteeringVector(sae.d_sae, weights=w + 1e-3))  # dense: every feature non-zero
     return SteeredModel(base.model, base.tokenizer, sae, vec), folder is not None
