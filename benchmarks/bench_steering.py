@@ -11,8 +11,8 @@ The SAE is the shipped one (hub_artifacts/) when present, else a random one of t
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import resource
 import statistics
 import subprocess

@@ -70,6 +70,27 @@ def test_kv_cache_equals_no_cache(arch, positions):
     assert not torch.equal(with_cache, plain), "steering should change this random model's output"
 
 
+@pytest.mark.parametrize("positions", ["generated", "all", "prompt"])
+def test_kv_cache_equals_no_cache_with_left_padding(positions):
+    """Left-padded rows of different lengths: the cache must not shift which positions (and which
+    mask columns) each decode step steers."""
+    steered = _steered("llama", positions=positions, lr=1.0)
+    ids = _ids(5, batch=2, length=9)
+    mask = torch.ones_like(ids)
+    pad = steered.model.generation_config.pad_token_id or 0
+    ids[0, :4], mask[0, :4] = pad, 0  # row 0: 5 real tokens after 4 pads
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad,
+              return_dict_in_generate=True, output_logits=True)
+    with_cache = steered.generate(ids, use_cache=True, **kw)
+    without = steered.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.logits, without.logits):  # every step's logits, not just the argmax
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with steered.disabled():
+        plain = steered.generate(ids, **kw)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(with_cache.logits, plain.logits))
+
+
 def test_positions_select_the_right_tokens():
     steered = _steered("llama")
     ids = _ids(2, batch=2, length=10)
