@@ -106,6 +106,16 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _check_text(text: str, param: str) -> None:
+    """400 for text no tokenizer can take: a lone UTF-16 surrogate (valid JSON, invalid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param}: holds a lone surrogate {text[exc.start]!r} at character {exc.start}, "
+                            "which is not valid Unicode; send the character as one code point or as a "
+                            "surrogate pair.", param=param) from None
+
+
 def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -348,6 +358,7 @@ class _Server:
                                                 f"got type {part.get('type')!r}.", param=f"messages.{i}.content")
                         parts.append(part["text"])
                     content = "".join(parts)
+                _check_text(content or "", f"messages.{i}.content")
                 messages.append({"role": m.role, "content": content or ""})
             try:
                 ids = self.engine.encode_chat(messages)
@@ -366,7 +377,9 @@ class _Server:
             raise APIError(400, "prompt: is empty.", param="prompt")
         out = []
         vocab = len(self.tokenizer)
-        for p in batch:
+        for j, p in enumerate(batch):
+            if isinstance(p, str):
+                _check_text(p, "prompt" if isinstance(prompt, str) else f"prompt.{j}")
             ids = self.engine.encode(p) if isinstance(p, str) else list(p)
             if not ids:
                 raise APIError(400, "prompt: encodes to no tokens.", param="prompt")

@@ -226,6 +226,7 @@ def test_raw_bad_bodies(live):
         (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), "messages.0.role"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], '
          b'"steering": {"strength": Infinity}}', "steering.strength"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
     ]
     for raw, needle in cases:
         r = httpx.post(f"{url}/chat/completions", content=raw, headers={"content-type": "application/json"})
@@ -234,6 +235,9 @@ def test_raw_bad_bodies(live):
         assert err["type"] == "invalid_request_error"
         if needle:
             assert needle in err["message"] or needle == err["param"], (raw, err)
+    r = httpx.post(f"{url}/completions", content=b'{"model": "tiny-llama", "prompt": "\\udfff"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"], r.text
     r = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": [999999]})
     assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": "x" * 3000})

@@ -54,10 +54,11 @@ ok_steering = st.fixed_dictionaries({}, optional={
 ok_common = {"max_tokens": st.integers(1, 4), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
              "n": st.integers(1, 2), "stream": st.booleans(), "stop": st.lists(st.text(max_size=4), max_size=2),
              "seed": st.integers(0, 1000), "steering": ok_steering}
+any_text = st.text(max_size=30) | st.text(st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\x00"]), max_size=8)  # surrogates too
 ok_chat = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=30)}),
+    {"role": st.sampled_from(["user", "assistant", "system"]), "content": any_text}),
     min_size=1, max_size=3)}, optional=ok_common)
-ok_completion = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": st.text(min_size=1, max_size=30)
+ok_completion = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": any_text
                                        | st.lists(st.integers(0, 250), min_size=1, max_size=5)}, optional=ok_common)
 
 
