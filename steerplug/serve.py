@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from steerplug.batching import (BatchEngine, ErrorEvent, FinishEvent, GenerationRequest,
                                 RequestStream, TokenEvent)
-from steerplug.cli import add_steered_model_arguments, steered_model_from_args
+from steerplug.model_args import add_steered_model_arguments, steered_model_from_args
 from steerplug.steering import POSITIONS
 
 logger = logging.getLogger(__name__)
