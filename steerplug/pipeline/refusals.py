@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from steerplug.interventions import chat_prompts as chat_texts  # noqa: F401 (used here and re-exported)
 from steerplug.layers import HookPoint
 from steerplug.pipeline.collect import capture_activations
 from steerplug.pipeline.features import rank_features
@@ -43,15 +44,6 @@ SAFETY_SYSTEM_PROMPT = (
     "such as instructions for violence, weapons, crime, hacking, self-harm, harassment or "
     "misinformation, and briefly say why. Answer every safe request helpfully."
 )
-
-
-def chat_texts(tokenizer: Any, prompts: Sequence[str], system: str | None = None) -> list[str]:
-    """User messages rendered through the chat template, ready for the assistant's answer."""
-    out = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
 
 
 def _ids(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
