@@ -167,6 +167,18 @@ def test_target_step_moves_the_features_to_their_targets():
     assert torch.equal(obj.target_step(torch.zeros(0, HIDDEN)), torch.zeros(0, HIDDEN))
 
 
+def _layer_input(steered, layer, ids, **kw):
+    """The hidden state entering decoder layer ``layer`` during ``steered(ids, **kw)``."""
+    got = []
+    handle = steered.model.model.layers[layer].register_forward_pre_hook(
+        lambda m, a, k: got.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    try:
+        steered(ids, **kw)
+    finally:
+        handle.remove()
+    return got[0]
+
+
 def test_add_method_adds_the_sites_direction():
     s1, v1 = _site(1, 3)
     model, tok = make_tiny_model("llama"), make_byte_tokenizer()
@@ -175,22 +187,9 @@ def test_add_method_adds_the_sites_direction():
                            config=SteeringConfig(method="add", steps=1, lr=2.0, normalize=False,
                                                  max_delta=None, positions="all"))
     ids = torch.randint(0, 250, (1, 6), generator=torch.Generator().manual_seed(4))
-    nxt = steered.model.model.layers[2]  # its input is layer 1's (steered) output
-
-    def layer2_input(**kw):
-        got = []
-        handle = nxt.register_forward_pre_hook(lambda m, a, k: got.append(k.get("hidden_states", a[0] if a else None)),
-                                               with_kwargs=True)
-        try:
-            steered(ids, **kw)
-        finally:
-            handle.remove()
-        return got[0]
-
     with steered.disabled():
-        plain = {"h": layer2_input()}
-    out = {"h": layer2_input()}
-    assert torch.allclose(out["h"], plain["h"] + 2.0 * d, atol=1e-5)
+        plain = _layer_input(steered, 2, ids)  # layer 2's input is layer 1's (steered) output
+    assert torch.allclose(_layer_input(steered, 2, ids), plain + 2.0 * d, atol=1e-5)
     with pytest.raises(ValueError, match="'add' needs directions"):
         SteeredModel(model, tok, s1, v1, config=SteeringConfig(method="add", positions="all"))(ids)
     # A direction at a layer without an SAE makes a site that only method="add" uses.
@@ -198,22 +197,10 @@ def test_add_method_adds_the_sites_direction():
     both = SteeredModel(model, tok, s1, v1, directions={"blocks.1.hook_resid_post": d, "blocks.0.hook_resid_post": d0},
                         config=steered.config)
     assert [s.sae is not None for s in both.sites] == [True, False]
-    first = steered.model.model.layers[1]  # its input is layer 0's output
-
-    def layer1_input(m, **kw):
-        got = []
-        handle = first.register_forward_pre_hook(lambda mod, a, k: got.append(k.get("hidden_states", a[0] if a else None)),
-                                                 with_kwargs=True)
-        try:
-            m(ids, **kw)
-        finally:
-            handle.remove()
-        return got[0]
-
     with both.disabled():
-        plain0 = layer1_input(both)
-    assert torch.allclose(layer1_input(both), plain0 + 2.0 * d0, atol=1e-5)
-    assert torch.equal(layer1_input(both, method="gradient"), plain0)  # the SAE methods skip it
+        plain0 = _layer_input(both, 1, ids)  # layer 1's input is layer 0's output
+    assert torch.allclose(_layer_input(both, 1, ids), plain0 + 2.0 * d0, atol=1e-5)
+    assert torch.equal(_layer_input(both, 1, ids, method="gradient"), plain0)  # the SAE methods skip it
 
 
 def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):
