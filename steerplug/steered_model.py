@@ -128,6 +128,28 @@ class Site:
         return self.direction is not None if method == "add" else self.sae is not None
 
 
+def _bundle_folder(ref: str | Path, **hub: Any) -> Path | None:
+    """The local folder of ``ref`` (a folder or a Hub repo, from the cache or the Hub) if it holds
+    a ``steerplug.json`` manifest, else None (then ``ref`` is read as a plain SAE)."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local if (local / MANIFEST_NAME).is_file() else None
+    from steerplug.hub import is_repo_id, resolve_folder
+
+    if not is_repo_id(str(ref)):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(str(ref), MANIFEST_NAME, revision=hub.get("revision"), cache_dir=hub.get("cache_dir"),
+                        local_files_only=bool(hub.get("local_files_only")))
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None  # not a bundle (or not reachable: loading it as an SAE says what is missing)
+    return resolve_folder(str(ref), revision=hub.get("revision"), local_files_only=hub.get("local_files_only"),
+                          cache_dir=hub.get("cache_dir"))
+
+
 def _stamp(site: Site) -> tuple:
     """What a cached objective or step function of ``site`` was built from: the SAE, vector and
     direction objects (compared by identity, so a reused ``id()`` cannot match) and the version
@@ -299,7 +321,8 @@ class SteeredModel:
         artifacts steerplug ships for its default model (every site, the gate and the steering
         configuration they were measured with, from the folder's ``steerplug.json``), and nothing
         for any other model. A folder or repo holding a ``steerplug.json`` manifest may be given as
-        ``sae=`` to load all of it. Remaining keyword arguments are :class:`SteeringConfig` fields;
+        ``sae=`` to load all of it (a folder, or a Hub repo through the cache or the Hub).
+        Remaining keyword arguments are :class:`SteeringConfig` fields;
         they override the manifest's.
         """
         unknown = set(steering) - set(_STEERING_KEYS)
@@ -308,8 +331,9 @@ class SteeredModel:
         is_default_model = model is None or model == DEFAULT_MODEL_ID
         hub = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
         bundle_dir = None
-        if isinstance(sae, (str, Path)) and sae_subfolder is None and (Path(sae) / MANIFEST_NAME).is_file():
-            bundle_dir, sae = Path(sae), "default"
+        if isinstance(sae, (str, Path)) and sae_subfolder is None and sae != "default" and (
+                found := _bundle_folder(sae, **hub)) is not None:
+            bundle_dir, sae = found, "default"
         elif "default" in (sae, vector, gate):
             bundle_dir = default_artifacts_dir() if is_default_model else None
             if is_default_model and bundle_dir is None:

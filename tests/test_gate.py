@@ -203,19 +203,40 @@ def test_add_method_adds_the_sites_direction():
     assert torch.equal(_layer_input(both, 1, ids, method="gradient"), plain0)  # the SAE methods skip it
 
 
-def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):
-    from steerplug.steered_model import MANIFEST_NAME, load_bundle
+def _write_bundle(root):
+    from steerplug.steered_model import MANIFEST_NAME
 
     (s1, v1), (s2, v2) = _site(1, 3), _site(2, 5)
     for name, s, v in (("a", s1, v1), ("b", s2, v2)):
-        s.save_pretrained(tmp_path / name / "sae")
-        v.save_pretrained(tmp_path / name / "vector")
+        s.save_pretrained(root / name / "sae")
+        v.save_pretrained(root / name / "vector")
     gate = PromptGate(torch.randn(1, F), 0.0, 0.5)
     gate.metadata.hook_name = "blocks.2.hook_resid_post"
-    gate.save_pretrained(tmp_path / "gate")
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({
+    gate.save_pretrained(root / "gate")
+    (root / MANIFEST_NAME).write_text(json.dumps({
         "sites": [{"sae": "a/sae", "vector": "a/vector"}, {"sae": "b/sae", "vector": "b/vector"}],
         "gate": "gate", "steering": {"method": "target", "lr": 3.0, "normalize": False}}))
+
+
+def test_a_bundle_on_the_hub_loads_whole_through_the_cache(tmp_path):
+    """A Hub repo holding a steerplug.json loads as a bundle (here from a local Hugging Face cache,
+    offline), as a folder does."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--bundle"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    _write_bundle(snap)
+    steered = SteeredModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_byte_tokenizer(),
+                                           sae="org/bundle", cache_dir=tmp_path / "hub", local_files_only=True)
+    assert len(steered.sites) == 2 and steered.gate is not None and steered.config.method == "target"
+
+
+def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):
+    from steerplug.steered_model import MANIFEST_NAME, load_bundle
+
+    _write_bundle(tmp_path)
     b = load_bundle(tmp_path)
     assert [s.cfg.hook_name for s in b["saes"]] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     steered = SteeredModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_byte_tokenizer(),
