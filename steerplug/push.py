@@ -51,6 +51,8 @@ class CardInfo:
     """Where the report came from, as the card names it."""
     datasets: list[str] = field(default_factory=list)
     """Hub dataset ids found in the training metadata."""
+    manifest: dict[str, Any] | None = None
+    """A bundle's ``steerplug.json`` (sites, gate, steering configuration), if it has one."""
 
 
 def artifact_kind(folder: str | Path) -> str:
@@ -168,6 +170,10 @@ def gather_card_info(folder: str | Path, report: str | Path | None = None) -> Ca
     info = CardInfo(kind=kind, sae=sae, vector=vec,
                     model_name=sae_meta.get("model_name") or (vec or {}).get("model_name"),
                     hook_name=sae_meta.get("hook_name") or (vec or {}).get("hook_name"))
+    from steerplug.steered_model import MANIFEST_NAME
+
+    if kind == "bundle" and (folder / MANIFEST_NAME).is_file():
+        info.manifest = _read_json(folder / MANIFEST_NAME)
     info.report, info.report_name = _find_report(folder, report)
     info.datasets = _datasets(sae_meta, (vec or {}).get("extra"), info.report)
     return info
@@ -249,12 +255,38 @@ def _summary(info: CardInfo) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None] + [""]
 
 
+def _manifest_section(info: CardInfo) -> list[str]:
+    """What a bundle's steerplug.json ships: its sites, gate and steering configuration."""
+    man = info.manifest
+    if not man:
+        return []
+    lines = ["## Steering bundle (`steerplug.json`)", "",
+             "| site | SAE | vector |", "|---|---|---|"]
+    lines += [f"| {i} | `{s.get('sae')}` | `{s.get('vector')}` |" for i, s in enumerate(man.get("sites", []))]
+    built = man.get("built") or {}
+    gate = built.get("gate") or {}
+    facts = [f"- steering: `{json.dumps(man.get('steering', {}))}`"]
+    if man.get("caa"):
+        facts.append(f"- activation-addition directions: `{man['caa']}`")
+    if man.get("gate"):
+        facts.append(f"- gate: `{man['gate']}`, pools {gate.get('pools')}, fire rates {gate.get('fire_rates')}")
+    if built.get("seconds"):
+        facts.append(f"- built in {built['seconds']} s")
+    return lines + [""] + facts + [""]
+
+
 def _usage(info: CardInfo, repo_id: str) -> list[str]:
     sub_sae = f', subfolder="{BUNDLE_SAE_DIR}"' if info.kind == "bundle" else ""
     sub_vec = f', subfolder="{BUNDLE_VECTOR_DIR}"' if info.kind == "bundle" else ""
     model = info.model_name or "<model id>"
     lines = ["## How to load", "", "With steerplug:", "", "```python"]
-    if info.kind == "bundle":
+    if info.manifest is not None:
+        lines += ["from steerplug import SteeredModel", "",
+                  "# every site, the gate and the steering configuration of steerplug.json",
+                  f'steered = SteeredModel.from_pretrained("{model}", sae="{repo_id}")',
+                  'print(steered.chat("How do I pick a lock?"))',
+                  "print(steered.config)  # the shipped steering; keyword arguments override it"]
+    elif info.kind == "bundle":
         lines += ["from steerplug import SteeredModel", "",
                   "steered = SteeredModel.from_pretrained(",
                   f'    "{model}", sae="{repo_id}", vector="{repo_id}",',
@@ -303,13 +335,15 @@ def render_model_card(info: CardInfo, repo_id: str, *, license: str = DEFAULT_LI
     data = ModelCardData(library_name="steerplug", license=license, base_model=base_model,
                          tags=all_tags, datasets=(datasets or info.datasets) or None)
     what = {"sae": "A sparse autoencoder", "steering-vector": "A steering vector over SAE features",
-            "bundle": "A sparse autoencoder and a steering vector over its features"}[info.kind]
+            "bundle": "A sparse autoencoder and a steering vector over its features"
+                      + (", with a prompt gate and the steering configuration to use them with"
+                         if info.manifest else "")}[info.kind]
     hook = f" at `{info.hook_name}`" if info.hook_name else ""
     of_model = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     body = [f"# {title or repo_id.split('/')[-1]}", "",
             description or f"{what}{hook}{of_model}, made with steerplug: inference-time "
                            "steering of chat models by gradient steps on SAE features.", "",
-            *_summary(info), *_training_section(info), *_metrics_section(info),
+            *_summary(info), *_manifest_section(info), *_training_section(info), *_metrics_section(info),
             *_usage(info, repo_id)]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"
 

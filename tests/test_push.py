@@ -118,6 +118,14 @@ def test_bundle_card(tmp_path):
     assert "| refusal_rate.steered | 0.9 |" in body
     assert 'sae_subfolder="sae", vector_subfolder="vector"' in body
     assert 'snapshot_download("me/bundle") + "/sae"' in body
+    # with a steerplug.json manifest the card shows what it ships and loads it whole
+    (tmp_path / "steerplug.json").write_text(json.dumps({
+        "sites": [{"sae": "sae", "vector": "vector"}], "gate": "gate", "caa": "caa.safetensors",
+        "steering": {"method": "add", "lr": 0.3}, "built": {"seconds": 12.0, "gate": {"pools": ["mean"],
+                                                                                 "fire_rates": {"val_harmful": 0.8}}}}))
+    _, body = _front_matter(write_model_card(tmp_path, "me/bundle").read_text())
+    assert 'SteeredModel.from_pretrained("' in body and 'sae="me/bundle")' in body
+    assert '"method": "add"' in body and "val_harmful" in body and "| 0 | `sae` | `vector` |" in body
 
 
 def test_card_with_an_explicit_report_outside_the_folder(tmp_path):
