@@ -75,9 +75,19 @@ def test_gate_switches_rows_off():
 
 
 def test_prompt_scores_match_the_objective():
+    """Each text's score is encode(h_t) . w averaged over its tokens but the first, whatever the
+    batch's padding: recomputed here one text at a time from the raw activations."""
+    from steerplug.pipeline.collect import capture_activations
+
     s = _steered()
-    scores = prompt_scores(s, ["abc", "a longer prompt here"])
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    texts = ["abc", "a longer prompt here"]
+    scores = prompt_scores(s, texts)
+    obj = s.feature_objective()
+    for text, got in zip(texts, scores):
+        ids = s.tokenizer(text, return_tensors="pt")["input_ids"]
+        h = capture_activations(s.model, [s.hook_point], ids)[s.hook_point.name][0]  # (T, D)
+        want = obj.loss(h.float())[1:].mean()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_pooled_prompt_scores_leave_out_each_rows_first_real_token():

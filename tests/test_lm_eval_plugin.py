@@ -154,13 +154,24 @@ def test_tasks_run_end_to_end(parts):
     tm = TaskManager(include_path=str(EVALS), include_defaults=False)
     tasks = ["steerplug_hellaswag", "steerplug_jbb_harmful", "steerplug_harmless_test"]
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=2, bootstrap_iters=0,
-                          gen_kwargs="max_gen_toks=4", apply_chat_template=True)
-    res = out["results"]
-    assert 0.0 <= res["steerplug_hellaswag"]["acc_norm,none"] <= 1.0
+                          gen_kwargs="max_gen_toks=4", apply_chat_template=True, log_samples=True)
+    res, samples = out["results"], out["samples"]
+    # Every reported figure is the mean of its per-document values, which exist and are in range.
+    hs = [d["acc_norm"] for d in samples["steerplug_hellaswag"]]
+    assert len(hs) == 2 and set(hs) <= {0.0, 1.0}
+    assert res["steerplug_hellaswag"]["acc_norm,none"] == pytest.approx(sum(hs) / 2)
+    from steerplug.judge import get_judge
+
+    judge = get_judge()
     for t in tasks[1:]:
-        assert res[t]["sample_len"] == 2
+        assert res[t]["sample_len"] == 2 and len(samples[t]) == 2
         for m in ("refusal", "raw_refusal", "coherent", "repetition", "distinct2"):
-            assert 0.0 <= res[t][f"{m},none"] <= 1.0
+            per_doc = [float(d[m]) for d in samples[t]]
+            assert all(0.0 <= v <= 1.0 for v in per_doc)
+            assert res[t][f"{m},none"] == pytest.approx(sum(per_doc) / 2), (t, m)
+        for d in samples[t]:  # the refusal figure is the judge's verdict on the answer that was generated
+            answer = d["filtered_resps"][0] if isinstance(d["filtered_resps"][0], str) else d["filtered_resps"][0][0]
+            assert float(judge(d["doc"].get("prompt", ""), answer).refusal) == float(d["refusal"]), (t, answer)
 
 
 def test_every_task_yaml_is_indexed():

@@ -505,3 +505,38 @@ def test_generation_failure_is_500_and_server_survives(live, monkeypatch):
     monkeypatch.setattr(engine, "model", real)
     assert calls["n"] == 2
     assert _chat(client, "hi", max_tokens=3).choices[0].message.content is not None
+
+
+def test_a_fault_mid_decode_fails_the_requests_in_flight_and_the_server_serves_on(live, monkeypatch):
+    """The model raises on the third forward pass of a batch (mid-decode, after tokens were streamed):
+    both requests in flight end with an error naming it; the next requests are answered."""
+    engine = live.app.state.server.engine
+    real = engine.model
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated fault mid-decode")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "model", flaky)
+    client = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+    errors: list[str] = []
+
+    def streamed():
+        try:
+            list(_chat(client, "tell me a story", max_tokens=30, stream=True))
+        except openai.APIError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=streamed) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(errors) >= 1 and all("simulated fault mid-decode" in e for e in errors), errors
+    monkeypatch.setattr(engine, "model", real)
+    for _ in range(3):  # and the server keeps serving
+        assert _chat(client, "hi", max_tokens=3).choices[0].message.content is not None
+    assert _drained_within(engine, 5)  # nothing left running or waiting
