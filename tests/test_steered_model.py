@@ -347,3 +347,13 @@ def test_in_place_edits_of_the_sae_or_vector_take_effect_without_refresh():
     want = fresh(ids).logits
     assert not torch.allclose(first, want)
     assert torch.equal(s(ids).logits, want)
+
+
+def test_hooks_installs_nothing_when_there_is_nothing_to_steer():
+    steered = _steered("llama")
+    handle = steered.hooks(steps=0)
+    assert not handle.active and _hook_count(steered.model) == 0
+    bare = SteeredModel(make_tiny_model("llama"), make_byte_tokenizer())  # no SAE, no vector
+    handle = bare.hooks()
+    assert not handle.active and _hook_count(bare.model) == 0
+    handle.remove()
