@@ -14,8 +14,8 @@ Steps (each resumes / is skipped when its output already exists in ``--work``):
    their SAE features, activation-addition directions at several depths and the prompt gate;
 6. publish  — ``hub_artifacts/SmolLM2-135M-Instruct/``: ``sae/`` and ``vector/`` with model cards,
    the eval report and plots, and the steering bundle that ``SteeredModel.from_pretrained()``
-   loads (``steerplug.json``, ``target_vector/``, ``gate/``, ``caa.safetensors``,
-   ``own_answers.json``).
+   loads (``steerplug.json``, ``target_vector/``, ``gate/``, ``caa.safetensors``; the own answers
+   stay in the work folder: they quote ``harmful_train``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def build_default_artifacts(work: str | Path = "runs/v2",
 
 def publish_bundle(bundle: Path, out: Path) -> None:
     """Copy a single-site bundle next to ``out/sae`` (the same SAE): its vector as
-    ``target_vector/``, the gate, the directions and the own answers, and a manifest pointing there."""
+    ``target_vector/``, the gate and the directions, and a manifest pointing there."""
     man = json.loads((bundle / MANIFEST_NAME).read_text())
     if len(man["sites"]) != 1:
         raise ValueError(f"{bundle} has {len(man['sites'])} SAE sites; publish_bundle ships one (the SAE in sae/).")
@@ -145,8 +145,9 @@ def publish_bundle(bundle: Path, out: Path) -> None:
             shutil.rmtree(out / name)
     shutil.copytree(bundle / man["sites"][0]["vector"], out / "target_vector")
     shutil.copytree(bundle / man["gate"], out / "gate")
-    for name in (man["caa"], "own_answers.json"):
-        shutil.copy2(bundle / name, out / name)
+    # Not own_answers.json: it quotes harmful_train questions, and data from ../shared/data never
+    # goes into the repository (it stays in the work folder).
+    shutil.copy2(bundle / man["caa"], out / man["caa"])
     vec = SteeringVector.from_pretrained(out / "target_vector")
     vec.metadata.sae = "sae"
     vec.save_pretrained(out / "target_vector")
