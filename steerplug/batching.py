@@ -35,7 +35,7 @@ import torch
 
 from steerplug.hooks import CallState
 from steerplug.layers import hidden_of
-from steerplug.steering import POSITIONS
+from steerplug.steering import POSITIONS, SteeringError
 
 logger = logging.getLogger(__name__)
 
@@ -498,6 +498,7 @@ class BatchEngine:
         else:  # a decode step: every new position predicts a token, none is prompt
             state = CallState(gen_start=0, prompt_end=0)
         state.row_lr, state.row_steps = lr, steps
+        state.isolate_rows = True  # a row whose steering goes NaN/inf fails alone
         if prefill_len is None:  # decode steps keep each row's gate decision from its prompt
             state.row_on = torch.tensor([r.gate_on for r in rows], device=device)
         config = replace(steered.config, steps=max_steps, positions=positions)
@@ -516,6 +517,13 @@ class BatchEngine:
         finally:
             if before is not None:
                 before.remove()
+        if state.bad_rows is not None:
+            for r, bad in zip(rows, state.bad_rows.tolist()):
+                if bad and r.done is None:
+                    r.done = "error"
+                    r.stream._put(ErrorEvent(SteeringError(
+                        f"Steering produced NaN or inf activations for this request (lr={r.req.lr}, "
+                        f"steps={r.req.steps}); lower them. Other requests in the batch are unaffected.")))
         if prefill_len is not None and state.row_on is not None:
             for r, fired in zip(rows, state.row_on.tolist()):
                 r.gate_on = bool(fired)

@@ -52,6 +52,11 @@ class CallState:
     """True while the gate's own truncated forward runs: every steering hook stands aside."""
     steered_positions: int = 0
     """Running count of positions that were steered (for diagnostics and tests)."""
+    isolate_rows: bool = False
+    """Instead of raising on NaN/inf, leave a row's bad positions unsteered and mark the row in
+    :attr:`bad_rows` (the serving engine fails that request alone)."""
+    bad_rows: torch.Tensor | None = None
+    """``(B,)`` bool, with ``isolate_rows``: rows whose steered activations were NaN or inf."""
     nonfinite: dict[str, torch.Tensor] = field(default_factory=dict)
     """``{site: 0-d bool tensor}``: whether a steered activation there was NaN or inf in this
     forward call, kept on the device (no host sync per layer) and checked once after the call."""
@@ -199,7 +204,13 @@ def make_steer_fn(grad_fn_for: Callable[[torch.device], Callable[[torch.Tensor],
         new = gradient_steer(x.float(), grad_fn_for(h.device), config.steps, lr,
                              normalize=config.normalize, max_delta=config.max_delta,
                              row_steps=steps).to(h.dtype)  # checked after the cast: fp16 overflow counts
-        if config.check_finite:
+        if config.check_finite and state.isolate_rows:
+            ok = torch.isfinite(new).all(dim=-1)  # (N,)
+            row_of = (torch.arange(B, device=h.device).repeat_interleave(T) if rows is None else rows[0])
+            bad = torch.zeros(B, dtype=torch.long, device=h.device).index_add_(0, row_of, (~ok).long()) > 0
+            state.bad_rows = bad if state.bad_rows is None else state.bad_rows | bad
+            new = torch.where(ok.unsqueeze(-1), new, x)
+        elif config.check_finite:
             bad = ~torch.isfinite(new).all()
             state.nonfinite[point_name] = bad if point_name not in state.nonfinite else state.nonfinite[point_name] | bad
         state.steered_positions += x.shape[0]

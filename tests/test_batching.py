@@ -127,3 +127,20 @@ def test_a_tiny_temperature_is_greedy_and_one_rows_sampling_failure_spares_the_o
         with pytest.raises(RuntimeError, match="simulated"):
             bad.result()
         assert good.result().token_ids == greedy.token_ids
+
+
+def test_a_request_whose_steering_goes_non_finite_fails_alone():
+    """lr=1e308 overflows one row's steered activations: that request fails with a SteeringError,
+    the rows decoded beside it finish exactly as they would alone."""
+    from steerplug.steering import SteeringError
+
+    with BatchEngine(_engine_model(), max_batch=4) as engine:
+        alone = [engine.generate(GenerationRequest([5, 6, 7], max_new_tokens=5, steps=s, lr=lr))
+                 for s, lr in ((0, 0.0), (2, 0.5))]
+        streams = [engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=5, steps=2, lr=1e308)),
+                   engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=5)),
+                   engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=5, steps=2, lr=0.5))]
+        with pytest.raises(SteeringError, match="NaN or inf"):
+            streams[0].result()
+        assert [s.result().token_ids for s in streams[1:]] == [a.token_ids for a in alone]
+        assert engine.stats["max_rows"] >= 2  # they really shared a batch
