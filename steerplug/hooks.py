@@ -194,25 +194,24 @@ def make_steer_fn(grad_fn_for: Callable[[torch.device], Callable[[torch.Tensor],
         if x.shape[0] == 0:
             return h
         lr, steps = config.lr, None
-        if state.row_lr is not None or state.row_steps is not None:
-            row_of = (torch.arange(B, device=h.device).repeat_interleave(T) if rows is None
-                      else rows[0])  # (N,) batch row of each selected position
-            if state.row_lr is not None:
-                lr = state.row_lr.to(h.device, torch.float32)[row_of].unsqueeze(-1)  # (N, 1)
-            if state.row_steps is not None:
-                steps = state.row_steps.to(h.device)[row_of].unsqueeze(-1)  # (N, 1)
+        row_of = None  # (N,) batch row of each selected position, when needed
+        if state.row_lr is not None or state.row_steps is not None or state.isolate_rows:
+            row_of = (torch.arange(B, device=h.device).repeat_interleave(T) if rows is None else rows[0])
+        if state.row_lr is not None:
+            lr = state.row_lr.to(h.device, torch.float32)[row_of].unsqueeze(-1)  # (N, 1)
+        if state.row_steps is not None:
+            steps = state.row_steps.to(h.device)[row_of].unsqueeze(-1)  # (N, 1)
         new = gradient_steer(x.float(), grad_fn_for(h.device), config.steps, lr,
                              normalize=config.normalize, max_delta=config.max_delta,
                              row_steps=steps).to(h.dtype)  # checked after the cast: fp16 overflow counts
         if config.check_finite and state.isolate_rows:
             ok = torch.isfinite(new).all(dim=-1)  # (N,)
-            row_of = (torch.arange(B, device=h.device).repeat_interleave(T) if rows is None else rows[0])
             bad = torch.zeros(B, dtype=torch.long, device=h.device).index_add_(0, row_of, (~ok).long()) > 0
             state.bad_rows = bad if state.bad_rows is None else state.bad_rows | bad
             new = torch.where(ok.unsqueeze(-1), new, x)
         elif config.check_finite:
             bad = ~torch.isfinite(new).all()
-            state.nonfinite[point_name] = bad if point_name not in state.nonfinite else state.nonfinite[point_name] | bad
+            state.nonfinite[point_name] = bad | state.nonfinite.get(point_name, False)
         state.steered_positions += x.shape[0]
         if rows is None:
             return new.reshape(B, T, D)
@@ -271,7 +270,10 @@ def _make_finite_check(state: CallState) -> Callable:
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         flags, state.nonfinite = state.nonfinite, {}
-        if flags and bool(torch.stack([f.to(next(iter(flags.values())).device) for f in flags.values()]).any()):
+        if not flags:
+            return
+        device = next(iter(flags.values())).device
+        if bool(torch.stack([f.to(device) for f in flags.values()]).any()):  # the one host sync
             where = [name for name, f in flags.items() if bool(f)]
             raise SteeringError(
                 f"Steering at {', '.join(where)} produced NaN or inf activations (after the cast to the "

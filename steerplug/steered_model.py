@@ -463,9 +463,17 @@ class SteeredModel:
                              "(SteeredModel(..., directions={hook: tensor}) or a bundle with caa.safetensors).")
         sites = []
         for site in acting:
-            steer = make_steer_fn(lambda device, site=site: self._grad_fn(site, config, device),
-                                  config, state, site.hook_point.name)
-            sites.append((site.hook_point, steer))
+            # Looked up (and its cache stamp checked) once per device for this installation, not at
+            # every layer call: edits to an SAE or vector take effect at the next call.
+            fns: dict[torch.device, Any] = {}
+
+            def grad_fn_for(device: torch.device, site: Site = site, fns: dict = fns) -> Any:
+                fn = fns.get(device)
+                if fn is None:
+                    fn = fns[device] = self._grad_fn(site, config, device)
+                return fn
+
+            sites.append((site.hook_point, make_steer_fn(grad_fn_for, config, state, site.hook_point.name)))
         return install_hooks(self.model, sites, None, state, self.gate_pass(config))
 
     def hooks(self, state: CallState | None = None, **overrides: Any) -> HookHandle:
