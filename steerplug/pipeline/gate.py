@@ -55,6 +55,8 @@ def phrasing_twins(prompts: Sequence[str], share: float) -> list[str]:
     out = []
     for i, p in enumerate(prompts[:int(len(prompts) * share)]):
         p = p.strip()
+        if not p:
+            continue
         first, *rest = p.split()
         if (rest[:1] == ["me"] or "\n" in p or "?" in p or len(p) > 120 or not first.isalpha()
                 or first.lower() in _NOT_IMPERATIVE or p.count(".") > 1):
