@@ -149,10 +149,9 @@ class SteerplugLM(HFLM):
         vec_obj = bundle.get("vectors") if vector == "default" else (
             vector if isinstance(vector, SteeringVector) or vector is None
             else SteeringVector.from_pretrained(vector, subfolder=_none(vector_subfolder)))
-        gate_obj = bundle.get("gate") if gate == "default" else (
+        own = bundle if sae == "default" else {}  # the bundle's gate, directions and config belong to its SAEs
+        gate_obj = own.get("gate") if gate == "default" else (
             gate if isinstance(gate, PromptGate) or gate is None else PromptGate.from_pretrained(gate))
-        if sae != "default":
-            gate_obj = gate_obj if gate != "default" else None  # the default gate belongs to the default SAEs
         layer = _none(layer)
         given = {"steps": None if steps is None else int(steps), "lr": None if lr is None else float(lr),
                  "positions": None if positions is None else str(positions),
@@ -161,7 +160,7 @@ class SteerplugLM(HFLM):
                  "use_gate": None if use_gate is None else _bool(use_gate)}
         if max_delta != "default":
             given["max_delta"] = None if _none(max_delta) is None else float(max_delta)
-        self.steering_config = SteeringConfig(**{**bundle.get("steering", {}),
+        self.steering_config = SteeringConfig(**{**own.get("steering", {}),
                                                  **{k: v for k, v in given.items() if v is not None or k == "max_delta"}})
         self.default_steering = self.steering_config
         """The configuration this model was built with (the bundle's, with any arguments given)."""
@@ -172,7 +171,7 @@ class SteerplugLM(HFLM):
             gate_threshold=None if _none(gate_threshold) is None else float(gate_threshold))
         self.steered = SteeredModel(self.model, self.tokenizer, sae_obj, vec_obj, hook=layer,
                                     config=self.steering_config, gate=gate_obj,
-                                    directions=bundle.get("directions"))
+                                    directions=own.get("directions"))
         if self.steered.hook_point is None and layer is not None:  # activation addition needs no SAE
             self.steered.hook_point = resolve_hook_point(self.model, layer)
         self._references = {"pretrained": pretrained if isinstance(pretrained, str) else

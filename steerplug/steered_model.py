@@ -341,13 +341,16 @@ class SteeredModel:
                                "(hub_artifacts/%s is missing): the model runs unsteered.",
                                DEFAULT_ARTIFACTS_DIRNAME)
         bundle = load_bundle(bundle_dir) if bundle_dir is not None else {}
+        # The bundle's gate, directions and steering configuration belong to its SAEs: with other
+        # SAEs (or sae=None) they are not used.
+        own = bundle if sae == "default" else {}
         if sae == "default":
             sae = bundle.get("saes")
         if vector == "default":
             vector = bundle.get("vectors")
         if gate == "default":
-            gate = bundle.get("gate")
-        config = SteeringConfig(**{**bundle.get("steering", {}), **steering})
+            gate = own.get("gate")
+        config = SteeringConfig(**{**own.get("steering", {}), **steering})
         sae_obj = None if sae is None else [_load_sae(x, subfolder=sae_subfolder, **hub) for x in _as_list(sae)]
         vector_obj = (None if vector is None
                       else [_load_vector(x, subfolder=vector_subfolder, **hub) for x in _as_list(vector)])
@@ -362,7 +365,7 @@ class SteeredModel:
         if where is not None and sae_obj is not None and len(sae_obj) > 1:
             raise ValueError("layer=/hook= picks the hook of a single SAE; this loads several. Drop it.")
         return cls(lm, tok, sae_obj, vector_obj, hook=where, config=config, objective=objective,
-                   layers_path=layers_path, gate=gate_obj, directions=bundle.get("directions"))
+                   layers_path=layers_path, gate=gate_obj, directions=own.get("directions"))
 
     # --- state ----------------------------------------------------------------------------------
     @property

@@ -115,3 +115,10 @@ def test_compare_command_runs(capsys):
         assert "UNSTEERED" in out and "STEERED" in out
     else:
         assert "unsteered answers only" in out
+
+
+def test_from_pretrained_without_an_sae_is_the_plain_model():
+    """sae=None, vector=None on the default model: no sites, no gate, no directions (the bundle's
+    gate and configuration belong to its SAEs; this raised "needs an SAE" before)."""
+    bare = SteeredModel.from_pretrained(sae=None, vector=None)
+    assert not bare.can_steer and bare.gate is None and bare.sites == []
