@@ -13,6 +13,14 @@ Output folder::
 Shards hold whole sequences and are written atomically; an interrupted run resumes after the last
 complete shard. Sequences are batched by length (a deterministic order), so the result does not
 depend on where a run was interrupted.
+
+Under ``torchrun`` (see :mod:`steerplug.distributed`) every rank computes the same batches and
+takes every ``world_size``-th of those not yet done; it writes its own shards and records them in
+``progress.rank<R>.json``. After a barrier rank 0 lists all shards in the manifest (ordered by
+their first batch), so ``train`` and ``evaluate-sae`` read the folder exactly as a one-process one.
+Each shard records its batches, so an interrupted run resumes on any number of ranks. Answers
+are generated the same way: each rank decodes every ``world_size``-th generation batch (the same
+batches as one process), and the answers are gathered before collection starts.
 """
 
 from __future__ import annotations
@@ -30,12 +38,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from steerplug._config import require_ints
+from steerplug.distributed import Dist, setup
 from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
 from steerplug.pipeline.examples import Example, tokenize_example
 
 MANIFEST_NAME = "manifest.json"
 EXAMPLES_NAME = "examples.json"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
+"""Formatted with the index of the shard's first batch (unique across ranks)."""
+PROGRESS_PATTERN = "progress.rank{}.json"
 _KIND_ORDER = {"hook_resid_pre": 0, "hook_mlp_out": 1, "hook_resid_post": 2}
 
 
@@ -144,16 +155,26 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _rank_progress(out: Path) -> list[dict[str, Any]]:
+    """Shards recorded by ranks of a multi-rank run that rank 0 has not yet merged."""
+    return [sh for f in sorted(out.glob(PROGRESS_PATTERN.format("*")))
+            for sh in json.loads(f.read_text())["shards"]]
+
+
 def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example], out_dir: str | Path,
                         config: CollectConfig | None = None, *, layers_path: str | None = None,
-                        model_name: str | None = None) -> CollectResult:
+                        model_name: str | None = None, dist: Dist | None = None) -> CollectResult:
     """Run ``model`` over ``examples`` and store the activations at ``config.hooks`` in ``out_dir``.
 
-    Resumes from the last complete shard of an earlier run on the same examples and hooks.
+    Resumes from the complete shards of an earlier run on the same examples and hooks. ``dist``:
+    this process's place in a data-parallel job (None: :func:`~steerplug.distributed.setup`);
+    every rank passes the same ``examples`` and writes its share of the batches.
     """
     from tqdm.auto import tqdm
 
     cfg = config or CollectConfig()
+    device = next(model.parameters()).device
+    dist = dist or setup(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [resolve_hook_point(model, h, layers_path) for h in cfg.hooks]
@@ -166,18 +187,11 @@ def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example
     batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
     fp = _fingerprint([toks[i].token_ids for i in range(len(toks))], names)
     store_dtype = getattr(torch, cfg.dtype)
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     manifest_path = out / MANIFEST_NAME
-    manifest: dict[str, Any]
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") != fp:
-            raise ValueError(f"{out} holds activations of other examples or hooks (fingerprint "
-                             f"{manifest.get('fingerprint')} != {fp}); use a fresh folder.")
-    else:
-        manifest = {
+    if dist.is_main and not manifest_path.is_file():
+        _write_json_atomic(manifest_path, {
             "format": "steerplug-activations-v1", "fingerprint": fp, "hooks": names,
             "d_model": None, "dtype": cfg.dtype, "model_name": model_name or getattr(
                 getattr(model, "config", None), "name_or_path", None),
@@ -185,31 +199,41 @@ def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example
             "sequences": [dict(ex.labels, seq_id=i, n_tokens=len(toks[i].token_ids))
                           for i, ex in enumerate(examples)],
             "shards": [], "batches_done": 0, "complete": False,
-        }
-        _write_json_atomic(manifest_path, manifest)
-    done = manifest["batches_done"]
+        })
+    dist.barrier()  # the manifest exists before any rank reads it
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    if manifest.get("fingerprint") != fp:
+        raise ValueError(f"{out} holds activations of other examples or hooks (fingerprint "
+                         f"{manifest.get('fingerprint')} != {fp}); use a fresh folder.")
+    done = {b for sh in manifest["shards"] + _rank_progress(out) for b in sh["batches"]}
+    todo = [b for b in range(len(batches)) if b not in done]
+    mine = todo[dist.rank::dist.world_size]
+    # One process records its shards in the manifest itself; a rank of several in its own file.
+    progress_path = out / PROGRESS_PATTERN.format(dist.rank) if dist.active else manifest_path
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"shards": []}
     buf: dict[str, list[torch.Tensor]] = {}
+    buf_batches: list[int] = []
     buf_tokens = 0
 
-    def flush(batches_done: int) -> None:
-        nonlocal buf, buf_tokens
+    def flush() -> None:
+        nonlocal buf, buf_batches, buf_tokens
         if buf_tokens:
-            idx = len(manifest["shards"])
-            fname = SHARD_PATTERN.format(idx)
+            fname = SHARD_PATTERN.format(buf_batches[0])
             tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
             tmp = out / (fname + ".tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, out / fname)
-            manifest["shards"].append({"file": fname, "n_tokens": buf_tokens,
+            progress["shards"].append({"file": fname, "n_tokens": buf_tokens, "batches": buf_batches,
+                                       "rank": dist.rank, "world_size": dist.world_size,
                                        "n_sequences": int(tensors["seq_ids"].unique().numel())})
-        manifest["batches_done"] = batches_done
-        _write_json_atomic(manifest_path, manifest)
-        buf, buf_tokens = {}, 0
+            progress["batches_done"] = sum(len(sh["batches"]) for sh in progress["shards"])
+            _write_json_atomic(progress_path, progress)
+        buf, buf_batches, buf_tokens = {}, [], 0
 
-    bar = tqdm(total=sum(len(toks[i].token_ids) for i in order), desc="collect", unit="tok",
-               disable=not cfg.progress)
-    bar.update(sum(len(toks[i].token_ids) for b in batches[:done] for i in b))
-    for b_idx in range(done, len(batches)):
+    bar = tqdm(total=sum(len(toks[i].token_ids) for b in mine for i in batches[b]), desc="collect",
+               unit="tok", disable=not (cfg.progress and dist.is_main))
+    d_model = manifest["d_model"]
+    for b_idx in mine:
         batch = batches[b_idx]
         lens = [len(toks[i].token_ids) for i in batch]
         T = max(lens)
@@ -220,8 +244,7 @@ def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example
             mask[r, :lens[r]] = 1
         acts = capture_activations(model, points, ids.to(device), mask.to(device))
         valid = mask.bool()  # (B, T)
-        if manifest["d_model"] is None:
-            manifest["d_model"] = int(next(iter(acts.values())).shape[-1])
+        d_model = int(next(iter(acts.values())).shape[-1])
         for name in names:
             buf.setdefault(f"acts.{name}", []).append(acts[name].cpu()[valid].to(store_dtype))  # (n, D)
         buf.setdefault("token_ids", []).append(ids[valid])
@@ -229,15 +252,28 @@ def collect_activations(model: nn.Module, tokenizer: Any, examples: list[Example
         buf.setdefault("positions", []).append(torch.cat([torch.arange(n) for n in lens]))
         buf.setdefault("roles", []).append(torch.cat([torch.tensor(toks[i].roles, dtype=torch.int8)
                                                       for i in batch]))
+        buf_batches.append(b_idx)
         buf_tokens += sum(lens)
         bar.update(sum(lens))
         if buf_tokens >= cfg.shard_tokens:
-            flush(b_idx + 1)
-    flush(len(batches))
+            flush()
+    flush()
     bar.close()
-    manifest["complete"] = True
-    manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
-    _write_json_atomic(manifest_path, manifest)
+    d_models = {d for d in dist.all_gather_object(d_model) if d is not None}
+    dist.barrier()  # every rank's shards are on disk
+    if dist.is_main:
+        manifest = json.loads(manifest_path.read_text())
+        shards = {sh["file"]: sh for sh in manifest["shards"] + _rank_progress(out)}
+        manifest["shards"] = sorted(shards.values(), key=lambda sh: sh["batches"][0])
+        manifest["batches_done"] = sum(len(sh["batches"]) for sh in manifest["shards"])
+        manifest["d_model"] = manifest["d_model"] or (d_models.pop() if d_models else None)
+        manifest["complete"] = True
+        manifest["n_tokens"] = sum(sh["n_tokens"] for sh in manifest["shards"])
+        _write_json_atomic(manifest_path, manifest)
+        for f in out.glob(PROGRESS_PATTERN.format("*")):
+            f.unlink()
+    dist.barrier()  # the manifest is complete before any rank returns
+    manifest = json.loads(manifest_path.read_text())
     return CollectResult(out, manifest["n_tokens"], len(order), len(manifest["shards"]))
 
 
@@ -304,13 +340,17 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
                    hh_rlhf_text: int = 0, wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
                    generate: bool = True, max_new_tokens: int = 48, gen_batch_size: int = 16,
                    seed: int = 0, data: str | None = None, cache: str | Path | None = None,
-                   progress: bool = True) -> list[Example]:
+                   progress: bool = True, dist: Dist | None = None) -> list[Example]:
     """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
     given; ``hh_rlhf_text`` more of them as plain "Human: / Assistant:" text without the chat
     template, sampled independently with ``seed + 1``) and chunks of WikiText-2 test's training part (disjoint from the articles ``evaluate-sae`` scores). ``limit_per_set`` samples each prompt set with
-    ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused."""
+    ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused.
+    Under several ranks (``dist``) the generation batches are shared out and every rank returns
+    the whole list; rank 0 writes the cache."""
     from steerplug import data as D
-    from steerplug.pipeline.examples import generate_answers, hh_rlhf_examples, prompt_examples, text_examples
+    from steerplug.pipeline.examples import hh_rlhf_examples, prompt_examples, text_examples
+
+    dist = dist or Dist()
 
     if cache is not None and Path(cache).is_file():
         return [Example(**e) for e in json.loads(Path(cache).read_text())]
@@ -323,8 +363,8 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
             prompts = [prompts[int(i)] for i in pick]
         exs = prompt_examples(prompts)
         if generate:
-            exs = generate_answers(model, tokenizer, exs, max_new_tokens=max_new_tokens,
-                                   batch_size=gen_batch_size, progress=progress)
+            exs = _generate_shared(model, tokenizer, exs, dist, max_new_tokens=max_new_tokens,
+                                   batch_size=gen_batch_size, progress=progress and dist.is_main)
         examples += exs
     if hh_rlhf:
         dialogues = D.hh_rlhf_harmless_test(data)
@@ -339,10 +379,28 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
         # Only the training part: the evaluation part stays held out (steerplug.data.wikitext_test).
         examples += text_examples(D.wikitext_test(data, part="train"), tokenizer, chunk_tokens,
                                   limit=wikitext_chunks, source="wikitext2_test_train_part")
-    if cache is not None:
+    if cache is not None and dist.is_main:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(Path(cache), [asdict(e) for e in examples])
     return examples
+
+
+def _generate_shared(model: Any, tokenizer: Any, examples: list[Example], dist: Dist, *, batch_size: int,
+                     **kwargs: Any) -> list[Example]:
+    """``generate_answers`` with every ``world_size``-th batch of ``batch_size`` examples on each
+    rank: the batches are the ones one process would decode, so the answers are the same."""
+    from steerplug.pipeline.examples import generate_answers
+
+    starts = list(range(0, len(examples), batch_size))[dist.rank::dist.world_size]
+    mine = [e for s in starts for e in examples[s:s + batch_size]]  # whole batches; a short one only last
+    answered = generate_answers(model, tokenizer, mine, batch_size=batch_size, **kwargs) if mine else []
+    if not dist.active:
+        return answered
+    by_start: dict[int, list[Example]] = {}
+    for rank, part in enumerate(dist.all_gather_object(answered)):
+        for j, s in enumerate(range(0, len(examples), batch_size)[rank::dist.world_size]):
+            by_start[s] = part[j * batch_size:(j + 1) * batch_size]
+    return [e for s in sorted(by_start) for e in by_start[s]]
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -366,23 +424,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, ... (default: the CPU; under torchrun cuda:LOCAL_RANK when CUDA is available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc-per-node N``: each of the N ranks generates and collects its share."""
+    from steerplug.distributed import teardown
     from steerplug.models import load_model
 
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model)
+    dist = setup(args.device)
+    model, tok = load_model(args.model, device_map=None if dist.device.type == "cpu" else {"": dist.device})
     out = Path(args.out)
     examples = build_examples(model, tok, prompt_sets=args.prompt_sets, hh_rlhf=args.hh_rlhf,
                               hh_rlhf_text=args.hh_rlhf_text,
                               wikitext_chunks=args.wikitext_chunks, limit_per_set=args.limit_per_set,
                               generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
-                              seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME)
+                              seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME, dist=dist)
     cfg = CollectConfig(hooks=args.hooks, max_length=args.max_length, batch_size=args.batch_size,
                         shard_tokens=args.shard_tokens, dtype=args.dtype)
     from steerplug.models import DEFAULT_MODEL_ID
 
-    res = collect_activations(model, tok, examples, out, cfg, model_name=args.model or DEFAULT_MODEL_ID)
-    print(f"collected {res.n_tokens} tokens of {res.n_sequences} sequences in {res.n_shards} shards -> {res.out_dir}")
+    res = collect_activations(model, tok, examples, out, cfg, model_name=args.model or DEFAULT_MODEL_ID, dist=dist)
+    if dist.is_main:
+        print(f"collected {res.n_tokens} tokens of {res.n_sequences} sequences in {res.n_shards} shards -> {res.out_dir}"
+              + (f" ({dist.world_size} ranks)" if dist.active else ""))
+    teardown()
     return 0

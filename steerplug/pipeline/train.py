@@ -6,6 +6,12 @@ training; at the end the scale is folded into the weights (``W_enc * s``, ``W_de
 ``normalize_activations: none``. The data order is a function of ``seed`` and the step, so a run
 resumed from a checkpoint continues exactly where it stopped.
 
+Under ``torchrun`` the loop is data parallel (see :mod:`steerplug.distributed`): every rank reads
+the same activations and draws the same global batch of ``batch_size`` rows, takes its
+contiguous share of it, and the trainer all-reduces what the step needs. The checkpoint holds
+the global state only (weights, Adam moments, dead-latent counters, step), so a run resumes on
+any number of ranks. Rank 0 alone writes checkpoints, the SAE, the log and the plot.
+
 Output folder: ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout), ``training_log.json``,
 ``training_curves.png`` and, while training, ``checkpoint/``.
 """
@@ -26,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerplug._config import require_ints
+from steerplug.distributed import Dist, setup
 from steerplug.pipeline.trainers import SAETrainer, TrainerConfig, make_trainer
 from steerplug.sae import SparseAutoencoder
 
@@ -54,6 +61,9 @@ class TrainConfig:
     """Dtype of the saved SAE weights: float32, float16 or bfloat16."""
     progress: bool = True
     """Show a tqdm bar."""
+    device: str | None = None
+    """Where the SAE trains: ``cpu``, ``cuda``, ...; None: the CPU in one process, under ``torchrun``
+    ``cuda:LOCAL_RANK`` when CUDA is available (the backend follows: nccl for CUDA, gloo for CPU)."""
 
     def __post_init__(self) -> None:
         require_ints(self, ("batch_size", "total_tokens", "log_every"))
@@ -151,15 +161,23 @@ def plot_history(history: list[dict[str, float]], path: str | Path, title: str =
 
 def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig | None = None,
               out_dir: str | Path | None = None, *, hook_name: str | None = None,
-              model_name: str | None = None, metadata: dict[str, Any] | None = None) -> TrainResult:
+              model_name: str | None = None, metadata: dict[str, Any] | None = None,
+              dist: Dist | None = None) -> TrainResult:
     """Train an SAE on ``acts (N, D)`` with the trainer ``trainer_cfg`` describes.
 
     With ``out_dir``: checkpoints every ``cfg.checkpoint_every`` steps (a later call with the same
-    folder resumes), and at the end the SAE (SAELens folder), the log and the plot.
+    folder resumes, on any number of ranks), and at the end the SAE (SAELens folder), the log and
+    the plot. ``dist``: this process's place in a data-parallel job; None: :func:`setup` (the
+    ``torchrun`` group when there is one, else a single process). Every rank passes the same
+    ``acts`` and gets the same SAE back.
     """
     from tqdm.auto import tqdm
 
     cfg = cfg or TrainConfig()
+    dist = dist or setup(cfg.device)
+    if cfg.batch_size < dist.world_size:
+        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is smaller than the {dist.world_size} ranks: "
+                         "every rank needs at least one row of the global batch.")
     if acts.ndim != 2 or acts.shape[1] != trainer_cfg.d_in:
         raise ValueError(f"acts has shape {tuple(acts.shape)}; expected (N, d_in={trainer_cfg.d_in}).")
     if trainer_cfg.total_steps != cfg.total_steps:
@@ -167,7 +185,7 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
                          f"TrainConfig.total_steps={cfg.total_steps} (total_tokens // batch_size).")
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
-    trainer = make_trainer(trainer_cfg)
+    trainer = make_trainer(trainer_cfg, dist=dist)
     scale = activation_scale(acts, seed=cfg.seed) if cfg.normalize else 1.0
     batches = _Batches(acts.shape[0], cfg.batch_size, cfg.seed)
     history: list[dict[str, float]] = []
@@ -181,14 +199,16 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
         start, scale, history = state["step"], state["scale"], state["history"]
     else:
         sample = acts[torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:16384]]
-        trainer.init_from_data(sample.float() * scale)
+        trainer.init_from_data(sample.float().to(dist.device) * scale)
 
-    bar = tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step",
+               disable=not (cfg.progress and dist.is_main))
     t0, tok0 = time.perf_counter(), 0
     for step in range(start, cfg.total_steps):
-        x = acts[batches(step)].float() * scale  # (B, D)
+        rows = batches(step).tensor_split(dist.world_size)[dist.rank]  # this rank's share of the global batch
+        x = acts[rows].to(dist.device).float() * scale  # (B / world, D)
         stats = trainer.update(step, x)
-        tok0 += x.shape[0]
+        tok0 += cfg.batch_size
         bar.update(1)
         last = step == cfg.total_steps - 1
         if step % cfg.log_every == 0 or last:
@@ -200,24 +220,28 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
             if not all(math.isfinite(v) for v in stats):
                 raise FloatingPointError(f"Training diverged at step {step}: {stats}. Lower lr.")
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
-            _save_checkpoint(ckpt, trainer, step + 1, history, scale)
+            if dist.is_main:
+                _save_checkpoint(ckpt, trainer, step + 1, history, scale)
+            dist.barrier()
     bar.close()
 
-    sae = fold_scale(trainer.sae, scale)
+    sae = fold_scale(trainer.sae.cpu(), scale)
     sae.cfg.hook_name = hook_name
     sae.cfg.model_name = model_name
     sae.cfg.metadata.update(metadata or {})
     sae.cfg.metadata["training"] = {"trainer": asdict(trainer_cfg), "loop": asdict(cfg),
                                     "input_scale_folded": scale, "n_rows": int(acts.shape[0]),
+                                    "world_size": dist.world_size,
                                     "final": history[-1] if history else None}
     sae = sae.to(getattr(torch, cfg.save_dtype))
-    if out is not None:
+    if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         sae.save_pretrained(out)
         (out / LOG_NAME).write_text(json.dumps(history, indent=1))
         plot_history(history, out / PLOT_NAME, title=f"{trainer_cfg.architecture} SAE, d_sae={trainer_cfg.d_sae}"
                      + (f", k={trainer_cfg.k}" if trainer_cfg.architecture == "topk" else ""))
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    dist.barrier()  # the SAE is on disk before any rank returns
     return TrainResult(sae, history, scale)
 
 
@@ -246,9 +270,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, ... (default: the CPU; under torchrun cuda:LOCAL_RANK when CUDA is available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc-per-node N``: data parallel over N ranks, global batch ``--batch-size``."""
+    from steerplug.distributed import teardown
     from steerplug.pipeline.collect import load_activations, read_manifest
 
     roles = tuple(int(r) for r in args.roles.split(",")) if args.roles else None
@@ -266,16 +294,19 @@ def run(args: argparse.Namespace) -> int:
         parts.append(acts)
     acts = torch.cat(parts)
     loop = TrainConfig(batch_size=args.batch_size, total_tokens=args.total_tokens, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype)
+                       checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype, device=args.device)
     tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, total_steps=loop.total_steps,
                          architecture=args.architecture, k=args.k, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_start=args.decay_start,
                          auxk_alpha=args.auxk_alpha, dead_tokens=args.dead_tokens,
                          l1_coeff=args.l1_coeff, p_end=args.p_end, seed=args.seed)
+    dist = setup(args.device)
     res = train_sae(acts, tcfg, loop, args.out, hook_name=hook, model_name=model_name,
                     metadata={"activations": [str(a) for a in args.acts], "n_train_tokens": int(acts.shape[0]),
-                              "holdout_every": args.holdout_every})
+                              "holdout_every": args.holdout_every}, dist=dist)
     last = res.history[-1]
-    print(f"saved {args.out}: L0 {last['l0']:.1f}, FVE {last['fve']:.3f}, dead {last['dead_fraction']:.3f} "
-          f"(last training batch)")
+    if dist.is_main:
+        print(f"saved {args.out}: L0 {last['l0']:.1f}, FVE {last['fve']:.3f}, dead {last['dead_fraction']:.3f} "
+              f"(last training batch{f', {dist.world_size} ranks' if dist.active else ''})")
+    teardown()
     return 0

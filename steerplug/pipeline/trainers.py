@@ -12,6 +12,14 @@ A trainer owns a :class:`~steerplug.sae.SparseAutoencoder`, its optimiser and sc
 Both keep decoder rows at unit norm (the gradient component parallel to each row is removed
 before the step, rows are renormalised after), use Adam with linear warm-up and a final linear
 decay, and track how many tokens ago each latent last fired (dead latents).
+
+Data parallel (``dist``, a :class:`~steerplug.distributed.Dist` of several ranks): each rank
+passes its share of the global batch. Every loss is a sum over tokens divided by a global
+quantity (the batch's total variance or its token count), so the sum of the ranks' gradients is
+the gradient of the one-process loss on the whole batch; it is all-reduced before the
+decoder-norm projection and the Adam step, which therefore run identically on every rank. The
+statistics the step depends on (the batch mean and variance, which latents fired, the
+p-annealing rescale) are reduced over the ranks too, so no rank drifts.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from steerplug._config import require_ints
+from steerplug.distributed import SINGLE, Dist
 from steerplug.sae import SparseAutoencoder
 
 
@@ -262,15 +271,20 @@ def init_sae(cfg: TrainerConfig) -> SparseAutoencoder:
 class SAETrainer:
     """Optimiser, schedule, decoder-norm constraint and dead-latent tracking shared by trainers."""
 
-    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None):
+    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None):
         self.cfg = cfg
-        self.sae = sae if sae is not None else init_sae(cfg)
+        self.dist = dist or SINGLE
+        self.sae = (sae if sae is not None else init_sae(cfg)).to(self.dist.device)
+        if self.dist.active:  # start from rank 0's weights, whatever each rank's RNG did
+            with torch.no_grad():
+                for p in self.sae.parameters():
+                    self.dist.broadcast_(p.data)
         try:  # the fused kernel is ~3x faster than the default foreach Adam on CPU
             self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999),
                                               fused=True)
         except (RuntimeError, TypeError):
             self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
-        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)  # (F,)
+        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.dist.device)  # (F,)
 
     # schedule: linear warm-up, constant, linear decay to 0 after decay_start
     def lr_factor(self, step: int) -> float:
@@ -285,12 +299,52 @@ class SAETrainer:
     def init_from_data(self, x: torch.Tensor) -> None:
         """``b_dec`` starts at the mean of a sample of (normalised) activations ``(N, D)``."""
         self.sae.b_dec.copy_(x.mean(0))
+        self.dist.broadcast_(self.sae.b_dec.data)
+
+    @torch.no_grad()
+    def _batch_moments(self, x: torch.Tensor, fired: torch.Tensor | None = None
+                       ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """Over the global batch (all ranks): the token count, the total variance
+        ``sum ||x - mean||^2`` and, given this rank's ``fired (F,)``, whether each latent fired on
+        any rank. One all-reduce; in a single process, exactly what the formulas say."""
+        if not self.dist.active:
+            return x.shape[0], (x - x.mean(0)).pow(2).sum(), fired
+        parts = [x.sum(0, dtype=torch.float64), x.double().pow(2).sum().reshape(1),
+                 torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)]
+        if fired is not None:
+            parts.append(fired.double())
+        buf = self.dist.all_reduce_(torch.cat(parts))
+        D = x.shape[1]
+        s, sq, n = buf[:D], buf[D], buf[D + 1]
+        total_var = (sq - s.pow(2).sum() / n).to(x.dtype)
+        return int(n), total_var, (buf[D + 2:] > 0 if fired is not None else None)
+
+    @torch.no_grad()
+    def _reduce_grads(self) -> None:
+        """Sum the gradients over the ranks (one flat all-reduce)."""
+        if not self.dist.active:
+            return
+        params = list(self.sae.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self.dist.all_reduce_(torch.cat([p.grad.reshape(-1) for p in params]))
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _reduce_stats(self, values: list[float | torch.Tensor]) -> list[float]:
+        """Sums over the ranks of per-rank scalar sums (one small all-reduce)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.dist.device)
+        return self.dist.all_reduce_(t).tolist()
 
     def _step(self, step: int, loss: torch.Tensor) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.learning_rate * self.lr_factor(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._reduce_grads()
         W = self.sae.W_dec
         with torch.no_grad():  # keep ||W_dec[i]|| = 1: drop the radial part of the gradient ...
             W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
@@ -309,12 +363,12 @@ class SAETrainer:
 
     # --- checkpoints: tensors + JSON-able scalars (no pickles) ---------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"sae.{n}": p.detach().clone() for n, p in self.sae.named_parameters()}
-        out["tokens_since_fired"] = self.tokens_since_fired.clone()
+        out = {f"sae.{n}": p.detach().cpu().clone() for n, p in self.sae.named_parameters()}
+        out["tokens_since_fired"] = self.tokens_since_fired.cpu().clone()
         names = {id(p): n for n, p in self.sae.named_parameters()}
         for p, st in self.optimizer.state.items():
             for key, val in st.items():
-                out[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(val).clone()
+                out[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(val).cpu().clone()
         return out
 
     def state_scalars(self) -> dict[str, float]:
@@ -324,17 +378,13 @@ class SAETrainer:
         with torch.no_grad():
             for n, p in self.sae.named_parameters():
                 p.copy_(tensors[f"sae.{n}"])
-        self.tokens_since_fired = tensors["tokens_since_fired"].clone()
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.dist.device).clone()
         for n, p in self.sae.named_parameters():
             keys = [k for k in tensors if k.startswith(f"opt.{n}.")]
-            if keys:
-                self.optimizer.state[p] = {k.rsplit(".", 1)[-1]: tensors[k].clone() for k in keys}
-
-
-def _fve(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[float, float]:
-    sse = (x_hat - x).pow(2).sum()
-    tv = (x - x.mean(0)).pow(2).sum()
-    return float(sse) / x.shape[0], float(1 - sse / tv)
+            if keys:  # as torch keeps them: the moments on p's device, the step count too when fused
+                step_device = p.device if self.optimizer.defaults.get("fused") else torch.device("cpu")
+                self.optimizer.state[p] = {k.rsplit(".", 1)[-1]: tensors[k].to(
+                    step_device if k.endswith(".step") else p.device).clone() for k in keys}
 
 
 class TopKTrainer(SAETrainer):
@@ -345,21 +395,20 @@ class TopKTrainer(SAETrainer):
         acts, idx, pre = _TopKEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, c.k)  # (B, k) x2, (B, F)
         x_hat = sparse_decode(idx, acts, sae.W_dec) + sae.b_dec  # (B, D)
         e = x_hat - x
-        total_var = (x - x.mean(0)).pow(2).sum()
-        loss = e.pow(2).sum() / total_var
-        fired = torch.zeros(c.d_sae, dtype=torch.bool)
+        fired = torch.zeros(c.d_sae, dtype=torch.bool, device=x.device)
         fired[idx[acts > 0]] = True
-        dead_frac = self._track(fired, x.shape[0])
+        n, total_var, fired = self._batch_moments(x, fired)
+        loss = e.pow(2).sum() / total_var
+        dead_frac = self._track(fired, n)
         dead = self.tokens_since_fired >= c.dead_tokens  # (F,)
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=x.device)
         if c.auxk_alpha > 0 and bool(dead.any()):
             aux = auxk_loss(x, sae, pre, e, dead, c.d_in // 2, total_var)
             loss = loss + c.auxk_alpha * aux
         self._step(step, loss)
         with torch.no_grad():
-            mse, fve = _fve(x, x_hat)
-            l0 = float((acts > 0).sum(-1).float().mean())
-        return StepStats(float(loss.detach()), mse, fve, l0, float(aux.detach()), dead_frac)
+            loss_, sse, l0_sum, aux_ = self._reduce_stats([loss.detach(), e.pow(2).sum(), (acts > 0).sum(), aux.detach()])
+        return StepStats(loss_, sse / n, 1 - sse / float(total_var), l0_sum / n, aux_, dead_frac)
 
 
 class ReLUL1Trainer(SAETrainer):
@@ -367,8 +416,8 @@ class ReLUL1Trainer(SAETrainer):
     after ``anneal_start`` and lambda is rescaled at each change of p so the penalty keeps its
     scale (Karvonen et al. 2024)."""
 
-    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None):
-        super().__init__(cfg, sae)
+    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None):
+        super().__init__(cfg, sae, dist)
         self.p = cfg.p_start
         self.l1_coeff = cfg.l1_coeff
 
@@ -385,29 +434,25 @@ class ReLUL1Trainer(SAETrainer):
         f = torch.relu(sae.pre_acts(x))  # (B, F)
         x_hat = sae.decode(f)  # (B, D)
         e = x_hat - x
-        total_var = (x - x.mean(0)).pow(2).sum()
-        mse_term = e.pow(2).sum(-1).mean()
+        n, total_var, fired = self._batch_moments(x, (f > 0).any(0))
+        mse_term = e.pow(2).sum() / n
         fn = f * sae.W_dec.norm(dim=-1)  # (B, F)
         p_new = self.p_at(step)
         if p_new != self.p:
             with torch.no_grad():  # keep lambda * ||f||_p^p on the same scale across the change of p
-                old = fn.pow(self.p).sum(-1).mean()
-                new = fn.pow(p_new).sum(-1).mean()
+                old, new = self._reduce_stats([fn.pow(self.p).sum(), fn.pow(p_new).sum()])
                 if new > 0:
-                    self.l1_coeff *= float(old / new)
+                    self.l1_coeff *= old / new
             self.p = p_new
         on = fn > 0
-        penalty = (torch.where(on, fn, 1.0).pow(self.p) * on).sum(-1).mean()  # 0^p without NaN grads
+        penalty = (torch.where(on, fn, 1.0).pow(self.p) * on).sum() / n  # 0^p without NaN grads
         warm = min(1.0, (step + 1) / max(1, c.sparsity_warmup_steps))
         loss = mse_term + warm * self.l1_coeff * penalty
-        fired = (f > 0).any(0)
-        dead_frac = self._track(fired, x.shape[0])
+        dead_frac = self._track(fired, n)
         self._step(step, loss)
         with torch.no_grad():
-            mse = float(e.pow(2).sum() / x.shape[0])
-            fve = float(1 - e.pow(2).sum() / total_var)
-            l0 = float((f > 0).sum(-1).float().mean())
-        return StepStats(float(loss.detach()), mse, fve, l0, float(penalty.detach()), dead_frac)
+            loss_, sse, l0_sum, pen = self._reduce_stats([loss.detach(), e.pow(2).sum(), (f > 0).sum(), penalty.detach()])
+        return StepStats(loss_, sse / n, 1 - sse / float(total_var), l0_sum / n, pen, dead_frac)
 
     def state_scalars(self) -> dict[str, float]:
         return {"p": self.p, "l1_coeff": self.l1_coeff}
@@ -418,8 +463,8 @@ class ReLUL1Trainer(SAETrainer):
         self.l1_coeff = scalars.get("l1_coeff", self.l1_coeff)
 
 
-def make_trainer(cfg: TrainerConfig, sae: SparseAutoencoder | None = None) -> SAETrainer:
-    return (TopKTrainer if cfg.architecture == "topk" else ReLUL1Trainer)(cfg, sae)
+def make_trainer(cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None) -> SAETrainer:
+    return (TopKTrainer if cfg.architecture == "topk" else ReLUL1Trainer)(cfg, sae, dist)
 
 
 __all__ = ["TrainerConfig", "StepStats", "SAETrainer", "TopKTrainer", "ReLUL1Trainer", "make_trainer",

@@ -1,0 +1,174 @@
+"""``steerplug collect`` and ``steerplug train`` under ``torchrun`` (CPU, gloo, 2 processes, tiny
+model): the same rows as one process, the same quality from the same seed and global batch, and
+runs that resume on another number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steerplug.pipeline import collect as C
+from steerplug.sae import SparseAutoencoder
+from conftest import make_byte_tokenizer, make_tiny_model
+
+if not torch.distributed.is_available():  # pragma: no cover - builds without distributed support
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _run(nproc: int, *args: str, script: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node nproc`` of ``steerplug args`` (or of ``script``)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           *(script or ["-m", "steerplug.cli"]), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama and the byte tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama").save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _rows(folder: Path):
+    """The rows of an activation folder, sorted by (sequence, position)."""
+    a = C.load_activations(folder, HOOK, skip_first=False)
+    order = sorted(range(len(a.seq_ids)), key=lambda i: (int(a.seq_ids[i]), int(a.positions[i])))
+    idx = torch.tensor(order)
+    return {k: getattr(a, k)[idx] for k in a._fields}
+
+
+COLLECT = ["--hooks", HOOK, "--prompt-sets", "harmful_train", "harmless_train", "--limit-per-set", "20",
+           "--max-new-tokens", "4", "--wikitext-chunks", "3", "--batch-size", "4", "--shard-tokens", "300",
+           "--max-length", "96"]
+
+
+def test_collect_on_two_ranks_gives_the_rows_of_one(tiny_folder, tmp_path):
+    _run(1, "collect", "--model", str(tiny_folder), "--out", str(tmp_path / "one"), *COLLECT)
+    _run(2, "collect", "--model", str(tiny_folder), "--out", str(tmp_path / "two"), *COLLECT)
+    one, two = (json.loads((tmp_path / d / C.MANIFEST_NAME).read_text()) for d in ("one", "two"))
+    assert two["complete"] and one["complete"]
+    assert not list((tmp_path / "two").glob("progress.rank*.json"))
+    # the answers were generated in shared batches and are the ones one process generates
+    assert (json.loads((tmp_path / "one" / C.EXAMPLES_NAME).read_text())
+            == json.loads((tmp_path / "two" / C.EXAMPLES_NAME).read_text()))
+    assert two["sequences"] == one["sequences"] and two["n_tokens"] == one["n_tokens"]
+    # each rank wrote its own shards, of every 2nd batch from its rank on; together each batch once
+    assert {sh["rank"] for sh in two["shards"]} == {0, 1}
+    assert all(b % 2 == sh["rank"] for sh in two["shards"] for b in sh["batches"])
+    batches = [b for sh in two["shards"] for b in sh["batches"]]
+    assert sorted(batches) == list(range(one["batches_done"]))
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_collect_interrupted_on_one_rank_resumes_on_two(tiny_folder, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    args = ["--hooks", HOOK, "--prompt-sets", "harmless_train", "--limit-per-set", "12", "--no-generate",
+            "--wikitext-chunks", "4", "--batch-size", "2", "--shard-tokens", "100", "--max-length", "96"]
+    _run(1, "collect", "--model", str(tiny_folder), "--out", str(tmp_path / "full"), *args)
+    examples = [C.Example(**e) for e in json.loads((tmp_path / "full" / C.EXAMPLES_NAME).read_text())]
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / C.EXAMPLES_NAME).write_text((tmp_path / "full" / C.EXAMPLES_NAME).read_text())
+    cfg = C.CollectConfig(hooks=[HOOK], batch_size=2, shard_tokens=100, max_length=96, progress=False)
+    real, calls = C.capture_activations, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "capture_activations", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        C.collect_activations(model, tok, examples, tmp_path / "resumed", cfg,
+                              model_name=json.loads((tmp_path / "full" / C.MANIFEST_NAME).read_text())["model_name"])
+    partial = json.loads((tmp_path / "resumed" / C.MANIFEST_NAME).read_text())
+    assert not partial["complete"] and 0 < partial["batches_done"] < 4
+    _run(2, "collect", "--model", str(tiny_folder), "--out", str(tmp_path / "resumed"), *args)
+    man = json.loads((tmp_path / "resumed" / C.MANIFEST_NAME).read_text())
+    assert man["complete"] and man["shards"][0] == partial["shards"][0]  # the first run's shard was kept
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+# --- training ------------------------------------------------------------------------------------
+def _planted(n=6000, d=32, f=96, p=0.04, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dic = torch.randn(f, d, generator=g)
+    dic /= dic.norm(dim=-1, keepdim=True)
+    codes = (torch.rand(n, f, generator=g) < p).float() * torch.rand(n, f, generator=g) * 4
+    return codes @ dic + 3.0
+
+
+@pytest.fixture(scope="module")
+def planted_folder(tmp_path_factory):
+    """An activation folder (the layout ``collect`` writes) holding planted sparse data."""
+    folder = tmp_path_factory.mktemp("planted")
+    x = _planted()
+    n = x.shape[0]
+    save_file({f"acts.{HOOK}": x.contiguous(), "token_ids": torch.zeros(n, dtype=torch.long),
+               "seq_ids": torch.arange(n) // 50, "positions": torch.arange(n) % 50 + 1,
+               "roles": torch.full((n,), 2, dtype=torch.int8)}, str(folder / "shard_00000.safetensors"))
+    (folder / C.MANIFEST_NAME).write_text(json.dumps({
+        "format": "steerplug-activations-v1", "hooks": [HOOK], "d_model": 32, "model_name": None,
+        "shards": [{"file": "shard_00000.safetensors", "n_tokens": n, "batches": [0]}], "complete": True}))
+    return folder, x
+
+
+TRAIN = ["--d-sae", "64", "--k", "4", "--lr", "2e-3", "--batch-size", "128", "--total-tokens", str(128 * 60),
+         "--warmup-steps", "5", "--dead-tokens", "500", "--checkpoint-every", "10"]
+
+
+@torch.no_grad()
+def _fve(folder: Path, x: torch.Tensor) -> float:
+    sae = SparseAutoencoder.from_pretrained(folder)
+    x_hat = sae(x).reconstruction
+    return float(1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_training_on_two_ranks_matches_one_and_resumes_on_another_count(planted_folder, tmp_path):
+    acts, x = planted_folder
+    _run(1, "train", "--acts", str(acts), "--out", str(tmp_path / "one"), *TRAIN)
+    _run(2, "train", "--acts", str(acts), "--out", str(tmp_path / "two"), *TRAIN)
+    f1, f2 = _fve(tmp_path / "one", x), _fve(tmp_path / "two", x)
+    assert f1 > 0.6, f1  # it learned
+    assert abs(f1 - f2) <= 0.01, (f1, f2)
+    one, two = (SparseAutoencoder.from_pretrained(tmp_path / d) for d in ("one", "two"))
+    assert two.cfg.metadata["training"]["world_size"] == 2
+    # the same optimisation, not merely the same quality: summed gradients equal the one-process ones
+    torch.testing.assert_close(two.W_dec, one.W_dec, atol=2e-3, rtol=0)
+    logs = [json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("one", "two")]
+    assert [h["step"] for h in logs[0]] == [h["step"] for h in logs[1]]  # only rank 0 wrote a log
+
+    # interrupted on 2 ranks after the step-20 checkpoint, resumed on 1
+    out = tmp_path / "resumed"
+    crashed = _run(2, "train", "--acts", str(acts), "--out", str(out), *TRAIN,
+                   script=[str(ROOT / "tests" / "dist_crash.py"), "25"], check=False)
+    assert crashed.returncode != 0 and "injected crash at step 25" in crashed.stderr + crashed.stdout
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 20 and not (out / "cfg.json").exists()
+    _run(1, "train", "--acts", str(acts), "--out", str(out), *TRAIN)
+    assert not (out / "checkpoint").exists()
+    assert abs(_fve(out, x) - f1) <= 0.01
