@@ -28,9 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerplug._version import __version__
-
-GATE_CONFIG_NAME = "gate.json"
-GATE_WEIGHTS_NAME = "gate.safetensors"
+from steerplug.hub import GATE_CONFIG_NAME, GATE_WEIGHTS_NAME, ArtifactNotFoundError, resolve_folder
 
 
 def _check_pool(pool: str) -> str:
@@ -133,8 +131,6 @@ class PromptGate:
                         revision: str | None = None, *, local_files_only: bool | None = None,
                         cache_dir: str | Path | None = None, token: str | bool | None = None) -> PromptGate:
         """Load from a local folder, the Hugging Face cache, or the Hub."""
-        from steerplug.hub import ArtifactNotFoundError, resolve_folder
-
         folder = resolve_folder(repo_or_path, subfolder=subfolder, revision=revision,
                                 local_files_only=local_files_only, cache_dir=cache_dir, token=token)
         for name in (GATE_CONFIG_NAME, GATE_WEIGHTS_NAME):

@@ -1,9 +1,10 @@
-"""The sparse autoencoder: its config, the module, and its folder format.
+"""The sparse autoencoder: the module, its folder format, loading and publishing.
 
 Our folder format *is* SAELens's (>= 6): ``cfg.json`` + ``sae_weights.safetensors`` with tensors
 ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]`` and, for
 JumpReLU, ``threshold [d_sae]``. An SAE we save loads in SAELens, and SAELens folders load here.
-Readers for other formats (Gemma Scope, sparsify, ...) live in :mod:`steerplug.sae_formats`.
+Its config, :class:`SAEConfig` (plain data, re-exported here), is :mod:`steerplug.sae_config`;
+readers for other formats (Gemma Scope, sparsify, ...) live in :mod:`steerplug.sae_formats`.
 
 Encoding (``a`` = ``apply_b_dec_to_input``)::
 
@@ -17,8 +18,6 @@ Encoding (``a`` = ``apply_b_dec_to_input``)::
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,129 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from steerplug._config import require_ints
+from steerplug.hub import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, resolve_folder
+from steerplug.sae_config import SAEConfig
+from steerplug.sae_formats import read_sae_folder
 
-SAE_CONFIG_NAME = "cfg.json"
-SAE_WEIGHTS_NAME = "sae_weights.safetensors"
-SAELENS_FORMAT_VERSION = "6.0.0"
-"""The SAELens cfg.json layout we write (``metadata.sae_lens_version``)."""
-
-ARCHITECTURES = ("relu", "jumprelu", "topk")
-# SAELens calls a plain ReLU SAE "standard".
-_ARCH_ALIASES = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
-_HOOK_LAYER_RE = re.compile(r"(?:blocks|layers|layer)[._](\d+)")
-
-
-@dataclass
-class SAEConfig:
-    """Shape, architecture and provenance of a sparse autoencoder."""
-
-    d_in: int
-    """Width of the activations the SAE reads (the model's hidden size)."""
-    d_sae: int
-    """Number of latents (features)."""
-    architecture: str = "relu"
-    """One of ``relu`` (SAELens ``standard``), ``jumprelu``, ``topk``."""
-    k: int | None = None
-    """Active latents per token; required for ``topk``, ignored otherwise."""
-    apply_b_dec_to_input: bool = True
-    """Subtract ``b_dec`` from the input before encoding (SAELens default; Gemma Scope: False)."""
-    hook_name: str | None = None
-    """Where the SAE reads, in SAELens names, e.g. ``blocks.12.hook_resid_post``."""
-    model_name: str | None = None
-    """The model the SAE was trained on (Hub id)."""
-    dtype: str = "float32"
-    """Dtype of the stored weights."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance: training data, metrics, library versions."""
-
-    def __post_init__(self) -> None:
-        arch = _ARCH_ALIASES.get(str(self.architecture).lower())
-        if arch is None:
-            raise ValueError(
-                f"SAEConfig.architecture={self.architecture!r} is not supported; expected one of "
-                f"{ARCHITECTURES} (SAELens 'standard' means 'relu')."
-            )
-        self.architecture = arch
-        require_ints(self, ("d_in", "d_sae"))
-        if arch == "topk":
-            if not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
-                raise ValueError(
-                    f"SAEConfig.k={self.k!r}: a topk SAE needs an integer k in [1, d_sae={self.d_sae}]."
-                )
-
-    @property
-    def layer(self) -> int | None:
-        """The block index parsed from ``hook_name`` (``blocks.12.hook_resid_post`` -> 12)."""
-        if self.hook_name is None:
-            return None
-        m = _HOOK_LAYER_RE.search(self.hook_name)
-        return int(m.group(1)) if m else None
-
-    # --- SAELens cfg.json --------------------------------------------------------------------
-    def to_saelens_dict(self) -> dict[str, Any]:
-        """The cfg.json SAELens 6 reads (``architecture`` in its own vocabulary)."""
-        from steerplug._version import __version__
-
-        cfg: dict[str, Any] = {
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "dtype": self.dtype,
-            "device": "cpu",
-            "apply_b_dec_to_input": self.apply_b_dec_to_input,
-            "normalize_activations": "none",
-            "reshape_activations": "none",
-            "architecture": "standard" if self.architecture == "relu" else self.architecture,
-            "metadata": {
-                "model_name": self.model_name,
-                "hook_name": self.hook_name,
-                "hook_head_index": None,
-                "prepend_bos": True,
-                "sae_lens_training_version": None,
-                # SAELens reads a cfg.json without sae_lens_version >= 6 as pre-6 and then looks
-                # for hook_name/model_name at top level, dropping this metadata block.
-                "sae_lens_version": SAELENS_FORMAT_VERSION,
-                "steerplug_version": __version__,
-                **self.metadata,
-            },
-        }
-        if self.architecture == "topk":
-            cfg["k"] = self.k
-        return cfg
-
-    @classmethod
-    def from_saelens_dict(cls, cfg: dict[str, Any]) -> SAEConfig:
-        """Read a SAELens cfg.json, v6 (``metadata`` block) or v5 (flat, ``activation_fn_str``)."""
-        meta = dict(cfg.get("metadata") or {})
-        arch = cfg.get("architecture")
-        if arch is None:  # SAELens < 6: the activation function names the architecture
-            act = cfg.get("activation_fn_str", "relu")
-            arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}.get(act, act)
-        k = cfg.get("k")
-        if k is None:
-            k = (cfg.get("activation_fn_kwargs") or {}).get("k")
-        norm = cfg.get("normalize_activations", "none")
-        if norm not in (None, False, "none"):
-            raise ValueError(
-                f"cfg.json normalize_activations={norm!r}: only 'none' is supported. Fold the "
-                "normalisation into the weights (SAELens: sae.fold_activation_norm_scaling_factor) "
-                "and save again."
-            )
-        hook_name = meta.pop("hook_name", None) or cfg.get("hook_name")
-        model_name = meta.pop("model_name", None) or cfg.get("model_name")
-        if hook_name is None and cfg.get("hook_layer") is not None:
-            hook_name = f"blocks.{cfg['hook_layer']}.hook_resid_pre"
-        return cls(
-            d_in=int(cfg["d_in"]),
-            d_sae=int(cfg["d_sae"]),
-            architecture=arch,
-            k=None if k is None else int(k),
-            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-            hook_name=hook_name,
-            model_name=model_name,
-            dtype=str(cfg.get("dtype", "float32")).replace("torch.", ""),
-            metadata={k_: v for k_, v in meta.items() if v is not None},
-        )
+__all__ = ["SAE_CONFIG_NAME", "SAE_WEIGHTS_NAME", "SAEConfig", "SAEOutput", "SparseAutoencoder"]
 
 
 class SAEOutput(NamedTuple):
@@ -272,25 +153,24 @@ class SparseAutoencoder(nn.Module):
         Reads our own (= SAELens) folders and every format in :mod:`steerplug.sae_formats`.
         ``subfolder`` selects one SAE in a repo holding many (``layer_12/width_16k/average_l0_82``).
         """
-        from steerplug.hub import resolve_folder
-        from steerplug.sae_formats import read_sae_folder
-
         folder = resolve_folder(repo_or_path, subfolder=subfolder, revision=revision,
                                 local_files_only=local_files_only, cache_dir=cache_dir, token=token)
-        sae = read_sae_folder(folder)
+        sae = cls.from_tensors(*read_sae_folder(folder))
         if sae.cfg.model_name is None and not Path(str(repo_or_path)).exists():
             sae.cfg.metadata.setdefault("source", str(repo_or_path))
         return sae.to(device=device, dtype=dtype) if (device or dtype) else sae
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Save to a temporary folder and upload it with a model card; ``kwargs`` go to
-        :func:`steerplug.push.push_to_hub` (``private``, ``token``, ``license``, ...)."""
+        """Save to a temporary folder, check that it loads, and upload it with a model card;
+        ``kwargs`` go to :func:`steerplug.cards.push_folder` (``private``, ``token``, ``license``, ...)."""
         import tempfile
 
-        from steerplug.push import push_to_hub
+        from steerplug.cards import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+            folder = self.save_pretrained(tmp)
+            type(self).from_pretrained(folder)  # what `steerplug push` checks: it loads
+            return push_folder(folder, repo_id, **kwargs)
 
     @classmethod
     def load_saelens_folder(cls, folder: Path) -> SparseAutoencoder:

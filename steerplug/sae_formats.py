@@ -1,7 +1,10 @@
-"""Readers for SAE folders written by other libraries, all into :class:`SparseAutoencoder`.
+"""Readers for SAE folders written by other libraries, all into our config and tensors.
 
-Each reader is ``(folder) -> SparseAutoencoder`` with a ``detect(folder) -> bool``; they are tried
-in order by :func:`read_sae_folder`. Weights are read with safetensors or numpy; a ``.pt``/``.pth``
+Each reader is ``(folder) -> SAEParts`` (an :class:`SAEConfig` and SAELens-named tensors) with a
+``detect(folder) -> bool``; they are tried in order by :func:`read_sae_folder`, and
+:meth:`SparseAutoencoder.from_pretrained <steerplug.sae.SparseAutoencoder.from_pretrained>` builds
+the module from what it returns (checking every tensor's name and shape), so this module knows
+the config but not the module. Weights are read with safetensors or numpy; a ``.pt``/``.pth``
 only ever goes through ``torch.load(weights_only=True)``.
 
 Every format is mapped onto SAELens tensors (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
@@ -30,23 +33,34 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from steerplug.sae import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, SAEConfig, SparseAutoencoder
+from steerplug.hub import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
+from steerplug.sae_config import SAEConfig
 
 
 class UnknownSAEFormatError(ValueError):
     """A folder that no reader recognises."""
 
 
+class SAEParts(NamedTuple):
+    """What a reader returns: ``SparseAutoencoder.from_tensors(cfg, tensors)`` builds the SAE."""
+
+    cfg: SAEConfig
+    tensors: dict[str, torch.Tensor]
+    """SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``,
+    ``b_dec`` and, for JumpReLU, ``threshold``."""
+
+
 @dataclass(frozen=True)
 class SAEReader:
     name: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path], SparseAutoencoder]
+    read: Callable[[Path], SAEParts]
 
 
 def _layer_hook(path_text: str, kind: str = "hook_resid_post") -> str | None:
@@ -59,17 +73,17 @@ def _is_saelens(folder: Path) -> bool:
     return (folder / SAE_CONFIG_NAME).is_file() and (folder / SAE_WEIGHTS_NAME).is_file()
 
 
-def _read_saelens(folder: Path) -> SparseAutoencoder:
+def _read_saelens(folder: Path) -> SAEParts:
     raw_cfg = json.loads((folder / SAE_CONFIG_NAME).read_text())
     if not raw_cfg.get("rescale_acts_by_decoder_norm"):
-        return SparseAutoencoder.load_saelens_folder(folder)
+        return SAEParts(SAEConfig.from_saelens_dict(raw_cfg), load_file(str(folder / SAE_WEIGHTS_NAME)))
     # SAELens TopK with rescale_acts_by_decoder_norm: f = topk(pre * |W_dec_i|), decode
     # (f / |W_dec_i|) @ W_dec. Folding the row norms n into the weights is exact (SAELens's
     # fold_W_dec_norm): W_enc * n, b_enc * n, W_dec / n.
     t = load_file(str(folder / SAE_WEIGHTS_NAME))
     n = t["W_dec"].norm(dim=-1)  # (F,)
     t.update(W_enc=t["W_enc"] * n, b_enc=t["b_enc"] * n, W_dec=t["W_dec"] / n[:, None])
-    return SparseAutoencoder.from_tensors(SAEConfig.from_saelens_dict(raw_cfg), t)
+    return SAEParts(SAEConfig.from_saelens_dict(raw_cfg), t)
 
 
 # --- Gemma Scope: params.npz (v1) or params.safetensors (+ config.json, v2) ---------------------
@@ -77,7 +91,7 @@ def _is_gemma_scope(folder: Path) -> bool:
     return (folder / "params.npz").is_file() or (folder / "params.safetensors").is_file()
 
 
-def _read_gemma_scope(folder: Path) -> SparseAutoencoder:
+def _read_gemma_scope(folder: Path) -> SAEParts:
     if (folder / "params.npz").is_file():
         with np.load(folder / "params.npz") as npz:
             raw = {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
@@ -101,7 +115,7 @@ def _read_gemma_scope(folder: Path) -> SparseAutoencoder:
                     apply_b_dec_to_input=False, hook_name=hook_name, model_name=model_name,
                     dtype=str(tensors["W_enc"].dtype).replace("torch.", ""),
                     metadata={"format": "gemma-scope", "source_folder": folder.name})
-    return SparseAutoencoder.from_tensors(cfg, tensors)
+    return SAEParts(cfg, tensors)
 
 
 # --- shared helpers -------------------------------------------------------------------------
@@ -138,8 +152,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _build(fmt: str, folder: Path, tensors: dict[str, torch.Tensor], *, architecture: str,
            apply_b_dec_to_input: bool, hook_name: str | None, model_name: str | None,
-           k: int | None = None, **metadata: object) -> SparseAutoencoder:
-    """An SAE from SAELens-named tensors (shapes are checked again by ``from_tensors``)."""
+           k: int | None = None, **metadata: object) -> SAEParts:
+    """An SAE's parts from SAELens-named tensors (shapes are checked again by ``from_tensors``)."""
     d_in, d_sae = tensors["W_enc"].shape
     dtype = tensors["W_enc"].dtype
     tensors = {n: t.to(dtype).contiguous() for n, t in tensors.items()}
@@ -148,7 +162,7 @@ def _build(fmt: str, folder: Path, tensors: dict[str, torch.Tensor], *, architec
                     model_name=model_name, dtype=_dtype_name(tensors["W_enc"]),
                     metadata={"format": fmt, "source_folder": folder.name,
                               **{n: v for n, v in metadata.items() if v is not None}})
-    return SparseAutoencoder.from_tensors(cfg, tensors)
+    return SAEParts(cfg, tensors)
 
 
 # --- EleutherAI sparsify: <hookpoint>/cfg.json + sae.safetensors --------------------------------
@@ -170,7 +184,7 @@ def _is_sparsify(folder: Path) -> bool:
     return (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file()
 
 
-def _read_sparsify(folder: Path) -> SparseAutoencoder:
+def _read_sparsify(folder: Path) -> SAEParts:
     cfg = json.loads((folder / "cfg.json").read_text())
     path = folder / "sae.safetensors"
     raw = load_file(str(path))
@@ -213,7 +227,7 @@ def _is_llama_scope(folder: Path) -> bool:
             and (folder / "checkpoints" / "final.safetensors").is_file())
 
 
-def _read_llama_scope(folder: Path) -> SparseAutoencoder:
+def _read_llama_scope(folder: Path) -> SAEParts:
     hp = json.loads((folder / "hyperparams.json").read_text())
     path = folder / "checkpoints" / "final.safetensors"
     raw = load_file(str(path))
@@ -270,7 +284,7 @@ def _dl_hook(trainer: dict) -> str | None:
     return f"blocks.{trainer['layer']}.{kind}"
 
 
-def _read_dictionary_learning(folder: Path) -> SparseAutoencoder:
+def _read_dictionary_learning(folder: Path) -> SAEParts:
     cfg_path, path = folder / "config.json", folder / "ae.pt"
     if not cfg_path.is_file():
         raise ValueError(f"{folder} has ae.pt but no config.json: dictionary_learning needs its "
@@ -328,7 +342,7 @@ def _is_goodfire(folder: Path) -> bool:
     return bool(_goodfire_files(folder))
 
 
-def _read_goodfire(folder: Path) -> SparseAutoencoder:
+def _read_goodfire(folder: Path) -> SAEParts:
     files = _goodfire_files(folder)
     if len(files) != 1:
         raise ValueError(f"{folder} holds {len(files)} .pt/.pth files {[p.name for p in files]}; "
@@ -358,8 +372,8 @@ READERS: list[SAEReader] = [
 ]
 
 
-def read_sae_folder(folder: Path) -> SparseAutoencoder:
-    """Read an SAE from ``folder`` with the first reader that recognises it."""
+def read_sae_folder(folder: Path) -> SAEParts:
+    """Read the SAE in ``folder`` with the first reader that recognises it."""
     for reader in READERS:
         if reader.detect(folder):
             return reader.read(folder)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-VECTOR_CONFIG_NAME = "steering_vector.json"
-VECTOR_WEIGHTS_NAME = "steering_vector.safetensors"
+from steerplug.hub import VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME, ArtifactNotFoundError, resolve_folder
+
+__all__ = ["VECTOR_CONFIG_NAME", "VECTOR_WEIGHTS_NAME", "SteeringVector", "VectorMetadata"]
 
 
 @dataclass
@@ -132,8 +133,6 @@ class SteeringVector:
                         revision: str | None = None, *, local_files_only: bool | None = None,
                         cache_dir: str | Path | None = None, token: str | bool | None = None) -> SteeringVector:
         """Load from a local folder, the Hugging Face cache, or the Hub."""
-        from steerplug.hub import ArtifactNotFoundError, resolve_folder
-
         folder = resolve_folder(repo_or_path, subfolder=subfolder, revision=revision,
                                 local_files_only=local_files_only, cache_dir=cache_dir, token=token)
         for name in (VECTOR_CONFIG_NAME, VECTOR_WEIGHTS_NAME):
@@ -148,14 +147,16 @@ class SteeringVector:
         return cls(cfg["d_sae"], tensors["indices"], tensors["values"], metadata=meta)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Save to a temporary folder and upload it with a model card; ``kwargs`` go to
-        :func:`steerplug.push.push_to_hub` (``private``, ``token``, ``license``, ...)."""
+        """Save to a temporary folder, check that it loads, and upload it with a model card;
+        ``kwargs`` go to :func:`steerplug.cards.push_folder` (``private``, ``token``, ``license``, ...)."""
         import tempfile
 
-        from steerplug.push import push_to_hub
+        from steerplug.cards import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+            folder = self.save_pretrained(tmp)
+            type(self).from_pretrained(folder)  # what `steerplug push` checks: it loads
+            return push_folder(folder, repo_id, **kwargs)
 
     def __repr__(self) -> str:
         kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
