@@ -1,175 +1,43 @@
-"""``SteeredModel``: a Hugging Face causal LM with gradient steering through an SAE."""
+"""``SteeredModel``: a Hugging Face causal LM with gradient steering through an SAE.
+
+The model wrapper: it holds the model, its sites (:mod:`steerplug.sites`) and gate, builds each
+site's step function from the maths (:mod:`steerplug.steering`) and installs them with
+:mod:`steerplug.hooks`. Bundle folders (``steerplug.json``, the default artifacts) are read by
+:mod:`steerplug.bundles`, whose names are re-exported here.
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from steerplug.bundles import (DEFAULT_ARTIFACTS_DIRNAME, DEFAULT_ARTIFACTS_REPO, MANIFEST_NAME,
+                               STEERING_KEYS, bundle_folder, load_sae, load_vector,
+                               default_artifacts_dir, load_bundle, load_manifest)
 from steerplug.gate import PromptGate
 from steerplug.hooks import CallState, HookHandle, install_hooks, make_gate_pass, make_steer_fn
 from steerplug.layers import HookPoint, hidden_size, module_device, resolve_hook_point
 from steerplug.models import DEFAULT_MODEL_ID, load_model
 from steerplug.sae import SparseAutoencoder
+from steerplug.sites import Site, is_fresh, site_stamp
 from steerplug.steering import FeatureObjective, Objective, SteeringConfig, add_step, autograd_grad
 from steerplug.vector import SteeringVector
 
+__all__ = ["DEFAULT_ARTIFACTS_DIRNAME", "DEFAULT_ARTIFACTS_REPO", "MANIFEST_NAME", "Site", "SteeredModel",
+           "default_artifacts_dir", "load_bundle", "load_manifest"]
+
 logger = logging.getLogger(__name__)
-
-# The artifacts this project trains for its default model (see hub_artifacts/README.md).
-DEFAULT_ARTIFACTS_REPO = "steerplug/SmolLM2-135M-Instruct-safety"
-DEFAULT_ARTIFACTS_DIRNAME = "SmolLM2-135M-Instruct"
-_STEERING_KEYS = tuple(SteeringConfig.__dataclass_fields__)
-
-
-def default_artifacts_dir() -> Path | None:
-    """The default model's SAE + vector folder: ``$STEERPLUG_ARTIFACTS``, else this checkout's
-    ``hub_artifacts/``, else the Hugging Face cache of :data:`DEFAULT_ARTIFACTS_REPO`; None if absent."""
-    candidates = []
-    if os.environ.get("STEERPLUG_ARTIFACTS"):
-        candidates.append(Path(os.environ["STEERPLUG_ARTIFACTS"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "hub_artifacts" / DEFAULT_ARTIFACTS_DIRNAME)
-    for c in candidates:
-        if (c / MANIFEST_NAME).is_file() or ((c / "sae").is_dir() and (c / "vector").is_dir()):
-            return c
-    try:
-        from steerplug.hub import resolve_folder
-
-        return resolve_folder(DEFAULT_ARTIFACTS_REPO, local_files_only=True)
-    except (OSError, ValueError):
-        return None
-
-
-MANIFEST_NAME = "steerplug.json"
-"""A bundle folder's manifest: its sites (SAE + vector subfolders), its gate and the steering
-configuration they were measured with, e.g.
-``{"sites": [{"sae": "sae", "vector": "vector"}], "gate": "gate", "steering": {"lr": 0.25}}``."""
-
-
-def load_manifest(folder: str | Path) -> dict[str, Any]:
-    """``{"saes": [paths], "vectors": [paths], "gate": path | None, "steering": {...}}`` of a bundle
-    folder: from its :data:`MANIFEST_NAME`, or ``sae/`` + ``vector/`` alone for a folder without one."""
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return {"saes": [folder / "sae"], "vectors": [folder / "vector"], "gate": None, "steering": {},
-                "directions": None}
-    try:
-        man = json.loads(path.read_text())
-        sites = man["sites"]
-        out = {"saes": [folder / x["sae"] for x in sites], "vectors": [folder / x["vector"] for x in sites],
-               "gate": folder / man["gate"] if man.get("gate") else None, "steering": dict(man.get("steering", {})),
-               "directions": folder / man["caa"] if man.get("caa") else None}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid steerplug manifest ({e}); expected "
-                         '{"sites": [{"sae": ..., "vector": ...}], "gate": ..., "steering": {...}}.') from e
-    unknown = set(out["steering"]) - set(_STEERING_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown steering option(s) {sorted(unknown)}; known: {_STEERING_KEYS}.")
-    return out
-
-
-def load_bundle(folder: str | Path) -> dict[str, Any]:
-    """The objects of a bundle folder (see :func:`load_manifest`): ``saes`` and ``vectors`` (lists),
-    ``gate`` (or None), ``directions`` (``{hook: (D,)}`` or None) and ``steering`` (a dict of
-    :class:`SteeringConfig` fields), ready for ``SteeredModel(model, tok, saes, vectors, gate=...,
-    directions=..., config=SteeringConfig(**steering))``."""
-    man = load_manifest(folder)
-    directions = None
-    if man["directions"] is not None:
-        from safetensors.torch import load_file
-
-        directions = load_file(str(man["directions"]))
-    return {"saes": [SparseAutoencoder.from_pretrained(x) for x in man["saes"]],
-            "vectors": [SteeringVector.from_pretrained(x) for x in man["vectors"]],
-            "gate": PromptGate.from_pretrained(man["gate"]) if man["gate"] is not None else None,
-            "directions": directions, "steering": man["steering"]}
-
-
-def _load_sae(sae: Any, **kw: Any) -> SparseAutoencoder | None:
-    if sae is None or isinstance(sae, SparseAutoencoder):
-        return sae
-    return SparseAutoencoder.from_pretrained(sae, **kw)
-
-
-def _load_vector(vector: Any, **kw: Any) -> SteeringVector | None:
-    if vector is None or isinstance(vector, SteeringVector):
-        return vector
-    if isinstance(vector, torch.Tensor):
-        return SteeringVector(vector.numel(), weights=vector)
-    return SteeringVector.from_pretrained(vector, **kw)
-
-
-@dataclass
-class Site:
-    """One place steering acts: a hook point with the SAE read there and the vector over its features."""
-
-    hook_point: HookPoint
-    sae: SparseAutoencoder | None
-    """None at a site that only carries an activation-addition direction."""
-    vector: SteeringVector | None
-    direction: torch.Tensor | None = None
-    """``(D,)`` residual direction for ``method="add"`` (activation addition), if any."""
-
-    def acts_for(self, method: str) -> bool:
-        """Whether this site steers under ``method``: ``add`` needs a direction, the others an SAE."""
-        return self.direction is not None if method == "add" else self.sae is not None
-
-
-def _bundle_folder(ref: str | Path, **hub: Any) -> Path | None:
-    """The local folder of ``ref`` (a folder or a Hub repo, from the cache or the Hub) if it holds
-    a ``steerplug.json`` manifest, else None (then ``ref`` is read as a plain SAE)."""
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return local if (local / MANIFEST_NAME).is_file() else None
-    from steerplug.hub import is_repo_id, resolve_folder
-
-    if not is_repo_id(str(ref)):
-        return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        hf_hub_download(str(ref), MANIFEST_NAME, revision=hub.get("revision"), cache_dir=hub.get("cache_dir"),
-                        local_files_only=bool(hub.get("local_files_only")))
-    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
-        return None  # not a bundle (or not reachable: loading it as an SAE says what is missing)
-    return resolve_folder(str(ref), revision=hub.get("revision"), local_files_only=hub.get("local_files_only"),
-                          cache_dir=hub.get("cache_dir"))
-
-
-def _stamp(site: Site) -> tuple:
-    """What a cached objective or step function of ``site`` was built from: the SAE, vector and
-    direction objects (compared by identity, so a reused ``id()`` cannot match) and the version
-    counters of their tensors (so an in-place edit invalidates it)."""
-    tensors = []
-    if site.sae is not None:
-        tensors += list(site.sae.parameters())
-    if site.vector is not None:
-        tensors += [t for t in (site.vector.indices, site.vector.values, getattr(site.vector, "_dense", None))
-                    if isinstance(t, torch.Tensor)]
-    if site.direction is not None:
-        tensors.append(site.direction)
-    return (site.sae, site.vector, site.direction), tuple(t._version for t in tensors)
-
-
-def _fresh(entry: tuple | None, stamp: tuple) -> bool:
-    if entry is None:
-        return False
-    (objs, versions), _ = entry
-    return all(a is b for a, b in zip(objs, stamp[0])) and versions == stamp[1]
 
 
 def _as_list(x: Any) -> list:
@@ -325,14 +193,14 @@ class SteeredModel:
         Remaining keyword arguments are :class:`SteeringConfig` fields;
         they override the manifest's.
         """
-        unknown = set(steering) - set(_STEERING_KEYS)
+        unknown = set(steering) - set(STEERING_KEYS)
         if unknown:
-            raise TypeError(f"Unknown argument(s) {sorted(unknown)}; steering options are {_STEERING_KEYS}.")
+            raise TypeError(f"Unknown argument(s) {sorted(unknown)}; steering options are {STEERING_KEYS}.")
         is_default_model = model is None or model == DEFAULT_MODEL_ID
         hub = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
         bundle_dir = None
         if isinstance(sae, (str, Path)) and sae_subfolder is None and sae != "default" and (
-                found := _bundle_folder(sae, **hub)) is not None:
+                found := bundle_folder(sae, **hub)) is not None:
             bundle_dir, sae = found, "default"
         elif "default" in (sae, vector, gate):
             bundle_dir = default_artifacts_dir() if is_default_model else None
@@ -351,9 +219,9 @@ class SteeredModel:
         if gate == "default":
             gate = own.get("gate")
         config = SteeringConfig(**{**own.get("steering", {}), **steering})
-        sae_obj = None if sae is None else [_load_sae(x, subfolder=sae_subfolder, **hub) for x in _as_list(sae)]
+        sae_obj = None if sae is None else [load_sae(x, subfolder=sae_subfolder, **hub) for x in _as_list(sae)]
         vector_obj = (None if vector is None
-                      else [_load_vector(x, subfolder=vector_subfolder, **hub) for x in _as_list(vector)])
+                      else [load_vector(x, subfolder=vector_subfolder, **hub) for x in _as_list(vector)])
         gate_obj = (gate if gate is None or isinstance(gate, PromptGate)
                     else PromptGate.from_pretrained(gate, subfolder=gate_subfolder, **hub))
         model_kwargs = dict(model_kwargs or {})
@@ -386,9 +254,9 @@ class SteeredModel:
         diagnostics); rebuilt when the site's SAE or vector is replaced or edited in place."""
         site = self._site_of(site)
         device = torch.device(device) if device is not None else module_device(site.hook_point.module)
-        key, stamp = (device, site.hook_point.name), _stamp(site)
+        key, stamp = (device, site.hook_point.name), site_stamp(site)
         entry = self._objectives.get(key)
-        if not _fresh(entry, stamp):
+        if not is_fresh(entry, stamp):
             entry = self._objectives[key] = (stamp, FeatureObjective(site.sae, site.vector, device))
         return entry[1]
 
@@ -400,9 +268,9 @@ class SteeredModel:
 
     def _grad_fn(self, site: Site, config: SteeringConfig, device: torch.device):
         """The step function of ``site`` for ``config`` on ``device``, built once."""
-        key, stamp = (site.hook_point.name, device, config.method, config.push_inactive), _stamp(site)
+        key, stamp = (site.hook_point.name, device, config.method, config.push_inactive), site_stamp(site)
         entry = self._grad_fns.get(key)
-        if _fresh(entry, stamp):
+        if is_fresh(entry, stamp):
             return entry[1]
         if config.method == "add":  # _install only passes sites with a direction
             fn = add_step(site.direction)
@@ -427,7 +295,7 @@ class SteeredModel:
         return fn
 
     def _resolve_config(self, overrides: dict[str, Any]) -> SteeringConfig:
-        given = {k: overrides.pop(k) for k in list(overrides) if k in _STEERING_KEYS}
+        given = {k: overrides.pop(k) for k in list(overrides) if k in STEERING_KEYS}
         return replace(self.config, **given) if given else self.config
 
     # --- hooks ----------------------------------------------------------------------------------
