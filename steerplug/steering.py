@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,16 +76,39 @@ class SteeringConfig:
     on. Harmful features (``w > 0``) still count only where they fire. Best behind a gate."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"SteeringConfig.steps={self.steps!r}: expected an integer >= 0.")
-        if not self.lr >= 0:
-            raise ValueError(f"SteeringConfig.lr={self.lr!r}: expected a number >= 0.")
-        if self.max_delta is not None and not self.max_delta > 0:
-            raise ValueError(f"SteeringConfig.max_delta={self.max_delta!r}: expected > 0 or None.")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"SteeringConfig.positions={self.positions!r}: expected one of {POSITIONS}.")
-        if self.method not in METHODS:
-            raise ValueError(f"SteeringConfig.method={self.method!r}: expected one of {METHODS}.")
+        check_steering("SteeringConfig", steps=self.steps, lr=self.lr, max_delta=self.max_delta,
+                       positions=self.positions, method=self.method)
+
+
+class SteeringValueError(ValueError):
+    """A steering setting given a value it cannot take; :attr:`field` names the setting."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# What each checked SteeringConfig field accepts: (test, what the message says is expected).
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: v >= 0, "a number >= 0"),
+    "max_delta": (lambda v: v is None or v > 0, "> 0 or None"),
+    "positions": (lambda v: v in POSITIONS, f"one of {POSITIONS}"),
+    "method": (lambda v: v in METHODS, f"one of {METHODS}"),
+}
+
+
+def check_steering(owner: str, **values: Any) -> None:
+    """Check ``values`` (:class:`SteeringConfig` fields) by SteeringConfig's own rules, in order.
+
+    Everything that takes a steering setting (the config, a batched request, a server request)
+    checks it here, so each rule is written once. Raises :class:`SteeringValueError`
+    ``"{owner}.{name}={value!r}: expected ..."`` for the first value refused.
+    """
+    for name, value in values.items():
+        test, expected = _RULES[name]
+        if not test(value):
+            raise SteeringValueError(name, f"{owner}.{name}={value!r}: expected {expected}.")
 
 
 class FeatureObjective:
