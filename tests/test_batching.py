@@ -108,20 +108,20 @@ def test_a_base_exception_in_the_loop_fails_every_caller_instead_of_leaving_them
 
 
 def test_a_tiny_temperature_is_greedy_and_one_rows_sampling_failure_spares_the_others(monkeypatch):
-    import steerplug.batching as batching
+    from steerplug.batching import sampling
 
     with BatchEngine(_engine_model(), max_batch=4) as engine:
         greedy = engine.generate(GenerationRequest([5, 6, 7], max_new_tokens=4))
         tiny = engine.generate(GenerationRequest([5, 6, 7], max_new_tokens=4, temperature=1e-292))
         assert tiny.token_ids == greedy.token_ids  # logits / 1e-292 would be inf, softmax NaN
-        real = batching._sample_row
+        real = sampling.sample_row
 
         def flaky(logits, temperature, top_p, generator):
             if temperature == 0.5:
                 raise RuntimeError("simulated sampling failure")
             return real(logits, temperature, top_p, generator)
 
-        monkeypatch.setattr(batching, "_sample_row", flaky)
+        monkeypatch.setattr(sampling, "sample_row", flaky)
         bad = engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=4, temperature=0.5))
         good = engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=4))
         with pytest.raises(RuntimeError, match="simulated"):

@@ -1,228 +1,36 @@
-"""Continuous batching for a :class:`~steerplug.SteeredModel`: many requests, one decode loop.
+"""The scheduler: a background thread that owns the model and runs one decode loop for many requests.
 
-A background thread owns the model. Requests wait in a queue; the thread admits them into the
-running batch between decode steps (prefilling the newcomers together, left-padded, then joining
-their KV cache to the batch's), takes one decode step for every live row, streams each row's new
-text to its caller and drops rows as they finish. Every row carries its own sampling and steering
-settings (per-row ``row_lr`` / ``row_steps`` in :class:`~steerplug.hooks.CallState`), so one
-forward pass serves steered and unsteered requests side by side.
-
-No cross-talk: every per-token operation (attention under the row's own mask and position ids, the
-steering step, sampling with the row's own generator) is row-wise. What batching can change is the
-floating-point summation order inside matrix products (a few 1e-7 in float32), so a greedy answer
-equals the same request served alone except where two logits tie to that precision;
-``tests/test_serve.py`` checks 32 concurrent mixed requests against their solo runs.
-
-Rows join only when the model's KV cache is a plain one (every layer a ``DynamicLayer``, which is
-what a ``DynamicCache`` built without a config holds); models that need another cache type run each
-admitted group to completion before admitting the next.
+Requests wait in a queue; the thread admits them into the running batch between decode steps
+(prefilling the newcomers together, left-padded, then joining their KV cache to the batch's through
+:mod:`steerplug.batching.cache`), takes one decode step for every live row with each row's own
+steering (per-row ``row_lr`` / ``row_steps`` in :class:`~steerplug.hooks.CallState`), picks each
+row's token (:mod:`steerplug.batching.sampling`), streams its new text
+(:mod:`steerplug.batching.streaming`) and drops rows as they finish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from steerplug.batching import cache as kv
+from steerplug.batching import sampling
+from steerplug.batching.requests import (Completion, ErrorEvent, Event, GenerationRequest, RequestStream,
+                                         TokenTrace)
+from steerplug.batching.streaming import Row
 from steerplug.hooks import CallState
 from steerplug.layers import hidden_of
-from steerplug.steering import POSITIONS, SteeringError
+from steerplug.steering import SteeringError
 
 logger = logging.getLogger(__name__)
-
-
-# --- requests and events ------------------------------------------------------------------------
-@dataclass
-class GenerationRequest:
-    """One prompt to continue, with its own sampling and steering settings."""
-
-    prompt_ids: list[int]
-    """Token ids of the prompt (chat template already applied)."""
-    max_new_tokens: int = 64
-    """Upper bound on generated tokens."""
-    temperature: float = 0.0
-    """0 = greedy; otherwise softmax temperature. Below :data:`MIN_TEMPERATURE` it is greedy too
-    (``logits / 1e-300`` overflows to inf, and softmax to NaN)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass, in (0, 1]."""
-    seed: int | None = None
-    """Seed of this row's sampling generator (None: drawn from the global generator)."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the answer (not included in it)."""
-    steps: int = 0
-    """Steering steps per token; 0 = unsteered."""
-    lr: float = 0.0
-    """Steering step size; 0 = unsteered."""
-    positions: str = "generated"
-    """Which positions to steer (see :class:`~steerplug.steering.SteeringConfig`)."""
-    trace: bool = False
-    """Report, per generated token, the feature score before/after steering and the top features."""
-
-    def __post_init__(self) -> None:
-        self.prompt_ids = [int(t) for t in self.prompt_ids]
-        if not self.prompt_ids:
-            raise ValueError("GenerationRequest.prompt_ids is empty: expected at least one token.")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"GenerationRequest.max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1.")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"GenerationRequest.temperature={self.temperature!r}: expected a number in [0, 100].")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"GenerationRequest.top_p={self.top_p!r}: expected a number in (0, 1].")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"GenerationRequest.steps={self.steps!r}: expected an integer >= 0.")
-        if not self.lr >= 0:
-            raise ValueError(f"GenerationRequest.lr={self.lr!r}: expected a number >= 0.")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"GenerationRequest.positions={self.positions!r}: expected one of {POSITIONS}.")
-        self.stop = tuple(s for s in self.stop if s)
-
-    @property
-    def steered(self) -> bool:
-        return self.steps > 0 and self.lr > 0
-
-
-@dataclass
-class TokenTrace:
-    """Diagnostics for one generated token, at the position that predicted it."""
-
-    score_before: float
-    """``encode(h) . w`` of the activation before steering."""
-    score_after: float
-    """``encode(h) . w`` after steering (equal to before for an unsteered row)."""
-    top_features: list[tuple[int, float]]
-    """The most active SAE features after steering, ``(index, activation)``, largest first."""
-    top_features_before: list[tuple[int, float]]
-    """The same before steering."""
-
-
-@dataclass
-class TokenEvent:
-    """A generated token and the text it adds (may be empty while a character is incomplete)."""
-
-    token_id: int
-    text: str
-    trace: TokenTrace | None = None
-
-
-@dataclass
-class FinishEvent:
-    """The end of a request."""
-
-    finish_reason: str
-    """``stop`` (end-of-sequence token or stop string), ``length`` or ``cancelled``."""
-    text: str
-    """The whole answer."""
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class ErrorEvent:
-    """Generation failed; the exception that ended it."""
-
-    error: BaseException
-
-
-Event = TokenEvent | FinishEvent | ErrorEvent
-
-
-@dataclass
-class Completion:
-    """The collected result of one request (see :meth:`RequestStream.result`)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    traces: list[TokenTrace | None]
-
-
-class RequestStream:
-    """A submitted request: iterate it (sync or async) for events, or call :meth:`result`."""
-
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None,
-                 on_event: Callable[[RequestStream, Event], None] | None = None):
-        self.request = request
-        self.cancelled = False
-        self._loop = loop
-        self._on_event = on_event
-        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._queue: queue.Queue | None = None if loop is not None or on_event else queue.Queue()
-
-    def _put(self, event: Event) -> None:
-        if self._on_event is not None:
-            self._on_event(self, event)
-        elif self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                self.cancelled = True
-        else:
-            self._queue.put(event)
-
-    def cancel(self) -> None:
-        """Stop generating for this request (its row leaves the batch at the next step)."""
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[Event]:
-        if self._queue is None:
-            raise TypeError("This stream was submitted with an event loop or on_event: use "
-                            "'async for' or the callback.")
-        while True:
-            event = self._queue.get()
-            yield event
-            if not isinstance(event, TokenEvent):
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        if self._aqueue is None:
-            raise TypeError("This stream was submitted without an event loop: use 'for'.")
-        while True:
-            event = await self._aqueue.get()
-            yield event
-            if not isinstance(event, TokenEvent):
-                return
-
-    @staticmethod
-    def _collect(events: list[Event], request: GenerationRequest) -> Completion:
-        last = events[-1]
-        if isinstance(last, ErrorEvent):
-            raise last.error
-        tokens = [e for e in events if isinstance(e, TokenEvent)]
-        return Completion(last.text, [e.token_id for e in tokens], last.finish_reason,
-                          last.prompt_tokens, [e.trace for e in tokens])
-
-    def result(self) -> Completion:
-        """Block until the request finishes; raise its error if it failed."""
-        return self._collect(list(self), self.request)
-
-    async def aresult(self) -> Completion:
-        return self._collect([e async for e in self], self.request)
-
-
-# --- per-row decode state -----------------------------------------------------------------------
-@dataclass
-class _Row:
-    stream: RequestStream
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the answer already sent
-    done: str | None = None  # finish reason once finished
-    text: str = ""
-    gate_on: bool = True  # whether the steered model's gate fired on this row's prompt
-
-    @property
-    def req(self) -> GenerationRequest:
-        return self.stream.request
 
 
 class BatchEngine:
@@ -248,11 +56,7 @@ class BatchEngine:
         self.trace_top_k = trace_top_k
         self.pad_id = self._pad_id()
         self.eos_ids = self._eos_ids()
-        # transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`.
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params or accepts_kwargs else {}
+        self._cache_kw, self._logits_kw = kv.forward_kwargs(self.model)
         self._waiting: deque[RequestStream] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -382,7 +186,7 @@ class BatchEngine:
         ``positions`` value, and in decode steps a ``prompt`` row is simply not steered (``generated``
         and ``all`` both steer the one new position), so all of them share the batch.
         """
-        rows: list[_Row] = []
+        rows: list[Row] = []
         cache = mask = pos = last = None
         newcomers = streams
         try:
@@ -391,7 +195,7 @@ class BatchEngine:
                 for stream in newcomers:
                     groups.setdefault(stream.request.positions, []).append(stream)
                 for positions, group in groups.items():
-                    if rows and not _joinable(cache):  # this cache cannot grow: wait for a drain
+                    if rows and not kv.joinable(cache):  # this cache cannot grow: wait for a drain
                         self._put_back(group)
                         newcomers = [s for s in newcomers if s not in group]
                         continue
@@ -399,7 +203,7 @@ class BatchEngine:
                     n_cache, n_mask, n_pos, n_last = self._prefill(new_rows, positions)
                     if rows:
                         self.stats["joined"] += len(new_rows)
-                        cache, mask = _join(cache, mask, n_cache, n_mask)
+                        cache, mask = kv.join(cache, mask, n_cache, n_mask)
                         pos, last = torch.cat([pos, n_pos]), torch.cat([last, n_last])
                     else:
                         cache, mask, pos, last = n_cache, n_mask, n_pos, n_last
@@ -409,16 +213,16 @@ class BatchEngine:
                 for r in rows:
                     if r.done is None and r.stream.cancelled:
                         r.done = "cancelled"
-                        self._finish(r)
+                        r.finish()
                 if len(keep) < len(rows):
                     idx = torch.tensor(keep, dtype=torch.long, device=last.device)
                     rows = [rows[i] for i in keep]
                     if not rows:
                         cache = mask = pos = last = None
                     else:
-                        cache.batch_select_indices(idx)
+                        kv.select_rows(cache, idx)
                         mask, pos, last = mask[idx], pos[idx], last[idx]
-                        cache, mask = _trim_left(cache, mask)
+                        cache, mask = kv.trim_left(cache, mask)
                 self._running = len(rows)
                 if self._closed:  # close() during a decode: end the rows in flight, now
                     for r in rows:
@@ -428,7 +232,7 @@ class BatchEngine:
                             s._put(ErrorEvent(RuntimeError("The batch engine was closed.")))
                     return
                 room = self.max_batch - len(rows)
-                newcomers = self._take(room) if room > 0 and _joinable(cache) else []
+                newcomers = self._take(room) if room > 0 and kv.joinable(cache) else []
                 if not rows:
                     if not newcomers:
                         return
@@ -451,21 +255,13 @@ class BatchEngine:
         finally:
             self._running = 0
 
-    def _new_row(self, stream: RequestStream) -> _Row:
-        seed = stream.request.seed
-        gen = None
-        if stream.request.temperature >= MIN_TEMPERATURE:
-            gen = torch.Generator(device=self.steered.device)
-            # Any integer is a valid seed: fold it into torch's accepted range [0, 2**64).
-            gen.manual_seed(seed & (2**64 - 1) if seed is not None
-                            else int(torch.randint(0, 2**62, ()).item()))
-        return _Row(stream, gen)
+    def _new_row(self, stream: RequestStream) -> Row:
+        req = stream.request
+        return Row(stream, sampling.row_generator(req.temperature, req.seed, self.steered.device))
 
-    def _prefill(self, rows: list[_Row], positions: str):
+    def _prefill(self, rows: list[Row], positions: str):
         """Prefill ``rows`` together (left-padded); returns their cache, mask, next positions and
         first sampled tokens."""
-        from transformers import DynamicCache
-
         device = self.steered.device
         lengths = [len(r.req.prompt_ids) for r in rows]
         T = max(lengths)
@@ -476,13 +272,13 @@ class BatchEngine:
             mask[i, T - lengths[i]:] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T): every row counts from 0
-        cache = DynamicCache()
+        cache = kv.new_cache()
         logits, traces = self._forward(rows, ids, mask, position_ids, cache, positions, prefill_len=T)
         first = self._sample(rows, logits, traces)
         pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,)
         return cache, mask, pos, first
 
-    def _forward(self, rows: list[_Row], ids, mask, position_ids, cache, positions: str,
+    def _forward(self, rows: list[Row], ids, mask, position_ids, cache, positions: str,
                  prefill_len: int | None):
         """One forward pass with each row's steering; returns last-position logits ``(B, V)`` and
         per-row traces (or Nones)."""
@@ -535,7 +331,7 @@ class BatchEngine:
             traces = self._traces(rows, captured["before"], captured["after"])
         return logits, traces
 
-    def _traces(self, rows: list[_Row], h_before: torch.Tensor, h_after: torch.Tensor):
+    def _traces(self, rows: list[Row], h_before: torch.Tensor, h_after: torch.Tensor):
         """Per-row :class:`TokenTrace` for the rows that asked, from ``(B, D)`` activations."""
         objective = self.steered.feature_objective(h_before.device)
         sae = self.steered.sae
@@ -555,13 +351,13 @@ class BatchEngine:
                 [(int(f), float(v)) for f, v in zip(fb.indices[j], fb.values[j]) if v > 0])
         return out
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, traces: list) -> torch.Tensor:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, traces: list) -> torch.Tensor:
         """Pick each row's next token, emit it, mark finished rows; returns ``(B,)`` tokens."""
         next_ids = logits.argmax(dim=-1)  # (B,)
         for i, r in enumerate(rows):
-            if r.req.temperature >= MIN_TEMPERATURE:
+            if r.req.temperature >= sampling.MIN_TEMPERATURE:
                 try:
-                    next_ids[i] = _sample_row(logits[i], r.req.temperature, r.req.top_p, r.generator)
+                    next_ids[i] = sampling.sample_row(logits[i], r.req.temperature, r.req.top_p, r.generator)
                 except Exception as exc:  # noqa: BLE001 - this row's failure; the others go on
                     logger.exception("Sampling failed for one request")
                     r.done = "error"
@@ -569,40 +365,8 @@ class BatchEngine:
         for i, r in enumerate(rows):
             if r.done is not None:
                 continue
-            self._append(r, int(next_ids[i]), traces[i])
+            r.append(int(next_ids[i]), traces[i], self.decode, self.eos_ids)
         return next_ids
-
-    def _append(self, r: _Row, token: int, trace: TokenTrace | None) -> None:
-        if token in self.eos_ids:
-            r.done = "stop"
-            self._finish(r, trace_token=(token, trace))
-            return
-        r.tokens.append(token)
-        text = self.decode(r.tokens, skip_special_tokens=True)
-        cut = _find_stop(text, r.req.stop)
-        if cut is not None:
-            r.text, r.done = text[:cut], "stop"
-        elif len(r.tokens) >= r.req.max_new_tokens:
-            r.text, r.done = text, "length"
-        else:
-            r.text = text
-        if r.done is not None:
-            self._finish(r, trace_token=(token, trace))
-            return
-        # Hold back an incomplete character and anything that could start a stop string.
-        ready = len(text.rstrip("\ufffd"))
-        if r.req.stop:
-            ready = min(ready, len(text) - max(len(s) for s in r.req.stop) + 1)
-        delta = text[r.emitted:ready] if ready > r.emitted else ""
-        r.emitted += len(delta)
-        r.stream._put(TokenEvent(token, delta, trace))
-
-    def _finish(self, r: _Row, trace_token: tuple[int, TokenTrace | None] | None = None) -> None:
-        if trace_token is not None:
-            tail = r.text[r.emitted:]
-            r.emitted = len(r.text)
-            r.stream._put(TokenEvent(trace_token[0], tail, trace_token[1]))
-        r.stream._put(FinishEvent(r.done, r.text, len(r.req.prompt_ids), len(r.tokens)))
 
     # --- model facts --------------------------------------------------------------------------------
     def _pad_id(self) -> int:
@@ -625,26 +389,6 @@ class BatchEngine:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-MIN_TEMPERATURE = 1e-4
-"""Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
-
-
-def _sample_row(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token from ``(V,)`` logits with temperature and nucleus filtering."""
-    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
 def _capture(point: Any, key: str, into: dict[str, torch.Tensor]):
     """Hook recording the hook point's last-position activation ``(B, D)`` under ``into[key]``."""
     def save(h: torch.Tensor) -> None:
@@ -659,56 +403,6 @@ def _capture(point: Any, key: str, into: dict[str, torch.Tensor]):
         save(args[0] if args else kwargs["hidden_states"])
     return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-
-def _layers(cache: Any) -> list:
-    return list(getattr(cache, "layers", []))
-
-
-def _joinable(cache: Any) -> bool:
-    """Whether rows can be added to ``cache``: every layer a plain, initialised ``DynamicLayer``."""
-    from transformers.cache_utils import DynamicLayer
-
-    if cache is None:
-        return True
-    layers = _layers(cache)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized
-                                for layer in layers)
-
-
-def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = n
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _join(cache_a: Any, mask_a: torch.Tensor, cache_b: Any, mask_b: torch.Tensor):
-    """Stack two batches' caches and masks, left-padding the shorter one; ``(B_a + B_b, T)``."""
-    from transformers import DynamicCache
-
-    T = max(mask_a.shape[1], mask_b.shape[1])
-    pa, pb = T - mask_a.shape[1], T - mask_b.shape[1]
-    data = []
-    for la, lb in zip(_layers(cache_a), _layers(cache_b)):  # keys/values: (B, H, T, d)
-        data.append((torch.cat([_pad_left(la.keys, pa, -2), _pad_left(lb.keys, pb, -2)]),
-                     torch.cat([_pad_left(la.values, pa, -2), _pad_left(lb.values, pb, -2)])))
-    mask = torch.cat([_pad_left(mask_a, pa, 1), _pad_left(mask_b, pb, 1)])
-    return DynamicCache(ddp_cache_data=data), mask
-
-
-def _trim_left(cache: Any, mask: torch.Tensor):
-    """Drop leading columns that no remaining row attends to."""
-    if not _joinable(cache):
-        return cache, mask
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if used.numel() else 0
-    if start == 0:
-        return cache, mask
-    for layer in _layers(cache):
-        layer.keys = layer.keys[:, :, start:]
-        layer.values = layer.values[:, :, start:]
-    return cache, mask[:, start:]
 
 
 def collect_all(engine: BatchEngine, requests: list[GenerationRequest]) -> list[Completion]:
