@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "(or: pip install 'lm-eval[hf]')."
     ) from e
 
+from steerplug.distributed import env_world_size
 from steerplug.hooks import CallState
 from steerplug.interventions import Intervention, intervene, is_active
 from steerplug.layers import resolve_hook_point
@@ -133,7 +135,13 @@ class SteerplugLM(HFLM):
             pretrained = _default_pretrained()
         if "device" not in kwargs and not kwargs.get("parallelize"):
             kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cpu_ranks = (env_world_size() > 1 and isinstance(pretrained, str)
+                        and str(kwargs.get("device", "cpu")).startswith("cpu"))
+        if on_cpu_ranks:  # HFLM's Accelerator then joins the torchrun group over gloo (MULTI_CPU)
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         super().__init__(pretrained=pretrained, **kwargs)
+        if on_cpu_ranks:
+            self._share_work_on_cpu()
 
         sae, vector, gate = _none(sae), _none(vector), _none(gate)
         bundle: dict[str, Any] = {}
@@ -183,6 +191,18 @@ class SteerplugLM(HFLM):
         self._ll_index: dict[tuple[int, ...], int] | None = None
         if not self.active:
             logger.info("steerplug: steering is off (no SAE/vector or steps=0); this is plain HFLM.")
+
+    def _share_work_on_cpu(self) -> None:
+        """Data parallel on CPUs under ``torchrun``: each rank scores its share of the requests.
+
+        lm-eval's ``HFLM`` shares requests between processes only when it counts several GPUs
+        (``accelerate launch``); on CPUs every process would evaluate every request. Here each
+        rank takes its share as ``HFLM`` does on GPUs, and lm-eval gathers the results over the
+        process group. The steering state is per process, so per rank.
+        """
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = acc.process_index, acc.num_processes
 
     # --- state ----------------------------------------------------------------------------------
     @property

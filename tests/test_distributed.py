@@ -172,3 +172,41 @@ def test_training_on_two_ranks_matches_one_and_resumes_on_another_count(planted_
     _run(1, "train", "--acts", str(acts), "--out", str(out), *TRAIN)
     assert not (out / "checkpoint").exists()
     assert abs(_fve(out, x) - f1) <= 0.01
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+def _samples(out: Path) -> dict[tuple[str, int], list]:
+    rows = {}
+    for f in out.rglob("samples_*.jsonl"):
+        task = f.name[len("samples_"):].rsplit("_", 1)[0]
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows[(task, r["doc_id"])] = r["filtered_resps"]
+    return rows
+
+
+def test_lm_eval_on_two_cpu_ranks_shares_the_requests_and_scores_as_one(tiny_folder, tmp_path):
+    """``torchrun --nproc-per-node 2 steerplug-eval ...`` on CPUs: each rank takes its share
+    (lm-eval's HFLM would have both ranks do everything) and the gathered answers are one process's."""
+    pytest.importorskip("lm_eval")
+    from steerplug.data import data_dir
+    from steerplug.vector import SteeringVector
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    script = Path(sys.executable).with_name("steerplug-eval")
+    if not script.is_file():
+        pytest.skip("the steerplug-eval entry point is not installed")
+    SparseAutoencoder.random(64, 128, hook_name="blocks.2.hook_resid_post", seed=1).save_pretrained(tmp_path / "sae")
+    SteeringVector(128, torch.arange(0, 128, 4), torch.ones(32)).save_pretrained(tmp_path / "vector")
+    args = ["--model", "steerplug", "--model_args",
+            f"pretrained={tiny_folder},sae={tmp_path / 'sae'},vector={tmp_path / 'vector'},steps=2,lr=0.5,dtype=float32",
+            "--tasks", "steerplug_jbb_harmful,steerplug_hellaswag", "--include_path", str(ROOT / "evals"),
+            "--limit", "6", "--gen_kwargs", "max_gen_toks=3", "--device", "cpu", "--log_samples"]
+    one = _run(1, *args, "--output_path", str(tmp_path / "one"), script=[str(script)])
+    two = _run(2, *args, "--output_path", str(tmp_path / "two"), script=[str(script)])
+    assert "on rank 1" in two.stderr + two.stdout and "on rank 1" not in one.stderr + one.stdout
+    a, b = _samples(tmp_path / "one"), _samples(tmp_path / "two")
+    assert len(a) == 12 and a == b
