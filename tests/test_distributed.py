@@ -210,3 +210,40 @@ def test_lm_eval_on_two_cpu_ranks_shares_the_requests_and_scores_as_one(tiny_fol
     assert "on rank 1" in two.stderr + two.stdout and "on rank 1" not in one.stderr + one.stdout
     a, b = _samples(tmp_path / "one"), _samples(tmp_path / "two")
     assert len(a) == 12 and a == b
+
+
+def test_report_on_two_cpu_ranks_shares_the_generations_and_writes_one_report(tiny_folder, tmp_path):
+    """``torchrun --nproc-per-node 2 steerplug report ...``: the rows of a one-process report."""
+    pytest.importorskip("lm_eval")
+    from steerplug.data import data_dir
+    from steerplug.vector import SteeringVector
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no ../shared/data here")
+    SparseAutoencoder.random(64, 128, hook_name="blocks.2.hook_resid_post", seed=1).save_pretrained(tmp_path / "sae")
+    SteeringVector(128, torch.arange(0, 128, 4), torch.ones(32)).save_pretrained(tmp_path / "vector")
+    args = ["report", "--model", str(tiny_folder), "--sae", str(tmp_path / "sae"), "--vector", str(tmp_path / "vector"),
+            "--limit", "4", "--hellaswag-limit", "4", "--sets", "jbb_harmful,harmless_test", "--methods", "gradient",
+            "--gradient-lrs", "0.5", "--no-ungated", "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu"]
+    one = _run(1, *args, "--out", str(tmp_path / "one"))
+    two = _run(2, *args, "--out", str(tmp_path / "two"))
+    # 2 sets x 4 prompts per row: one process generates all 8, each of two ranks 4
+    assert "generate_until requests: 100%|██████████| 8/8" in one.stderr
+    assert "generate_until requests: 100%|██████████| 4/4" in two.stderr
+    assert "generate_until requests: 100%|██████████| 8/8" not in two.stderr
+    assert two.stdout.count("# steerplug report") == 1  # rank 0 alone writes and prints
+    a, b = (json.loads((tmp_path / d / "samples.json").read_text()) for d in ("one", "two"))
+    assert a.keys() == b.keys() and len(a) >= 2
+    for row in a:  # the same answers, verdicts and perplexities, prompt by prompt (gathered rank by rank)
+        assert a[row].keys() == b[row].keys()
+        for task in a[row]:
+            sa, sb = (sorted(x[row][task], key=lambda s: s["doc_id"]) for x in (a, b))
+            assert [{**s, "ppl": None} for s in sa] == [{**s, "ppl": None} for s in sb]
+            assert [s["ppl"] for s in sb] == pytest.approx([s["ppl"] for s in sa], rel=1e-4)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert rb["meta"]["ranks"] == 2
+    drop = ("seconds", "cached", "key")
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in ra["rows"]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in rb["rows"]])

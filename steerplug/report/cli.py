@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc-per-node N`` on CPUs or GPUs, the N ranks share every row's prompts."""
     from steerplug.lm_eval_plugin import SteerplugLM
 
     if args.threads:
@@ -77,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.methods:
         keep = set(args.methods.split(",")) | {"unsteered"}
         methods = [m for m in methods if m.family in keep]
-    run_report(lm, methods, args.out, limit=args.limit,
-               hellaswag_limit=args.hellaswag_limit if args.hellaswag_limit is not None else 2 * args.limit,
-               max_new_tokens=args.max_new_tokens, harm_sets=args.sets.split(",") if args.sets else None,
-               cache_dir=args.cache_dir, targets=args.targets, perplexity=not args.no_perplexity,
-               data_dir=args.data_dir, command="steerplug " + " ".join(sys.argv[1:]))
-    print((Path(args.out) / "results.md").read_text())
+    done = run_report(lm, methods, args.out, limit=args.limit,
+                      hellaswag_limit=args.hellaswag_limit if args.hellaswag_limit is not None else 2 * args.limit,
+                      max_new_tokens=args.max_new_tokens, harm_sets=args.sets.split(",") if args.sets else None,
+                      cache_dir=args.cache_dir, targets=args.targets, perplexity=not args.no_perplexity,
+                      data_dir=args.data_dir, command="steerplug " + " ".join(sys.argv[1:]))
+    if done:  # rank 0 (or the one process)
+        print((Path(args.out) / "results.md").read_text())
     return 0

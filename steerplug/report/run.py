@@ -88,8 +88,26 @@ def method_key(lm: Any, m: Method, settings: dict[str, Any], digests: dict[str, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _is_main(lm: Any) -> bool:
+    """Rank 0 of a report run under ``torchrun`` (lm-eval gathers every result there)."""
+    return getattr(lm, "rank", 0) == 0
+
+
+def _agree(lm: Any, value: bool) -> bool:
+    """Rank 0's ``value`` on every rank (each rank must take the same branch into lm-eval)."""
+    if getattr(lm, "world_size", 1) <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def _evaluate(lm: Any, tasks: list[str], task_manager: Any, limit: int, *, chat: bool,
               system_prompt: str | None, max_new_tokens: int) -> dict[str, Any]:
+    """lm-eval's results and samples of ``tasks``; ``{}`` on a rank other than 0 (it did its
+    share of the requests, rank 0 holds the gathered results)."""
     from lm_eval import simple_evaluate
 
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit,
@@ -98,6 +116,8 @@ def _evaluate(lm: Any, tasks: list[str], task_manager: Any, limit: int, *, chat:
                           gen_kwargs=f"max_gen_toks={max_new_tokens}" if chat else None,
                           random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
                           fewshot_random_seed=SEED)
+    if out is None:  # not rank 0
+        return {}
     res = {}
     for t in tasks:
         metrics = {k.split(",")[0]: v for k, v in out["results"][t].items()
@@ -147,13 +167,16 @@ def answer_perplexity(lm: Any, contexts: list[str], answers: list[str], batch_si
 def run_method(lm: Any, m: Method, *, harm_tasks: list[str], task_manager: Any, limit: int,
                hellaswag_limit: int, max_new_tokens: int, cache_dir: Path | None,
                settings: dict[str, Any], digests: dict[str, str] | None = None,
-               perplexity: bool = True) -> dict[str, Any]:
-    """Evaluate one row (or load it from its cache file)."""
+               perplexity: bool = True) -> dict[str, Any] | None:
+    """Evaluate one row (or load it from its cache file). Under ``torchrun`` every rank generates
+    its share; rank 0 alone measures perplexity, writes the cache and gets the row (others: None)."""
     from steerplug.interventions import Intervention
 
     key = method_key(lm, m, settings, digests)
     path = cache_dir / f"{key}.json" if cache_dir else None
-    if path is not None and path.is_file():
+    if _agree(lm, path is not None and path.is_file()):
+        if not _is_main(lm):
+            return None
         cached = json.loads(path.read_text())
         cached["cached"] = True
         cached["method"] = {**cached["method"], "name": m.name, "family": m.family}
@@ -171,6 +194,8 @@ def run_method(lm: Any, m: Method, *, harm_tasks: list[str], task_manager: Any, 
                                    system_prompt=m.system_prompt, max_new_tokens=max_new_tokens))
     finally:
         lm.set_steering(None, None)  # perplexity is measured by the unsteered model
+    if not _is_main(lm):
+        return None
     if perplexity:
         for t in harm_tasks:
             if t in tasks:
@@ -195,7 +220,11 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
                targets: dict[str, float] | None = None, perplexity: bool = True,
                data_dir: str | None = None, command: str | None = None,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every row, write ``results.json``, ``results.md``, ``samples.json``, ``pareto.png``."""
+    """Run every row, write ``results.json``, ``results.md``, ``samples.json``, ``pareto.png``.
+
+    Under ``torchrun`` (``lm`` a :class:`~steerplug.lm_eval_plugin.SteerplugLM` of several ranks)
+    each rank generates its share of every row; rank 0 writes the outputs and gets the result,
+    the other ranks get ``{}``."""
     from lm_eval.tasks import TaskManager
 
     from steerplug.judge import get_judge
@@ -222,6 +251,8 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
         results.append(run_method(lm, m, harm_tasks=harm_tasks, task_manager=tm, limit=limit,
                                   hellaswag_limit=hellaswag_limit, max_new_tokens=max_new_tokens,
                                   cache_dir=cache, settings=settings, digests=digests, perplexity=perplexity))
+    if not _is_main(lm):
+        return {}
     rejudge(results, get_judge())
     rows = summarise(results, harm_tasks)
     n = {t: next((r["tasks"][t]["n"] for r in results if t in r["tasks"]), None)
@@ -234,7 +265,8 @@ def run_report(lm: Any, methods: list[Method], out_dir: str | Path, *, limit: in
             "default_steering": asdict(lm.default_steering), "digests": digests,
             "max_new_tokens": max_new_tokens, "limit": limit, "hellaswag_limit": hellaswag_limit,
             "n": {k: v for k, v in n.items() if v is not None}, "judge": judge,
-            "seconds": time.perf_counter() - t0, "device": str(lm.device), "seed": SEED}
+            "seconds": time.perf_counter() - t0, "device": str(lm.device), "seed": SEED,
+            "ranks": getattr(lm, "world_size", 1)}
     meta["frontier"] = frontier_summary(rows, targets)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     (out_dir / "samples.json").write_text(json.dumps(
