@@ -8,6 +8,7 @@ optionally forced to start with a prefix ("Sure, here is" / "I can't help with t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -134,3 +135,16 @@ def generate_answers(model: Any, tokenizer: Any, examples: list[Example], *, max
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def padded_batches(seqs: list[list[int]], bs: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``seqs`` in batches of ``bs``, right-padded with ``pad_id``: ``(ids, mask)``, each ``(B, T)``."""
+    for s in range(0, len(seqs), bs):
+        chunk = seqs[s:s + bs]
+        T = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(chunk):
+            ids[r, :len(c)] = torch.tensor(c)
+            mask[r, :len(c)] = 1
+        yield ids, mask
