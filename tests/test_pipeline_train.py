@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from steerplug.pipeline import train as T
-from steerplug.pipeline import trainers
-from steerplug.pipeline.trainers import TrainerConfig, _TopKEncode, auxk_loss, init_sae, make_trainer, sparse_decode
+from steerplug.pipeline import topk_kernels, trainers
+from steerplug.pipeline.topk_kernels import _TopKEncode, auxk_loss, sparse_decode
+from steerplug.pipeline.trainers import TrainerConfig, init_sae, make_trainer
 from steerplug.sae import SparseAutoencoder
 
 
@@ -52,7 +53,7 @@ def test_topk_autograd_matches_reference():
 def test_auxk_loss_on_dead_columns_matches_dense_reference(n_dead, path, monkeypatch):
     """Values and gradients (encoder, biases, decoder) against the whole-width dense formulation,
     on both of its paths (dense over the dead columns, sparse B k_aux D)."""
-    monkeypatch.setattr(trainers, "AUXK_DENSE_MAX_RATIO", 10**6 if path == "dense" else 0)
+    monkeypatch.setattr(topk_kernels, "AUXK_DENSE_MAX_RATIO", 10**6 if path == "dense" else 0)
     g = torch.Generator().manual_seed(1)
     B, D, F_, k_aux = 12, 8, 32, 6
     sae = init_sae(TrainerConfig(d_in=D, d_sae=F_, total_steps=1, k=4)).double()

@@ -40,7 +40,8 @@ from torch import nn
 from steerplug._config import require_ints
 from steerplug.distributed import Dist, setup
 from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
-from steerplug.pipeline.examples import Example, tokenize_example
+from steerplug.pipeline.examples import (  # noqa: F401 (build_examples: re-exported)
+    Example, _write_json_atomic, build_examples, tokenize_example)
 
 MANIFEST_NAME = "manifest.json"
 EXAMPLES_NAME = "examples.json"
@@ -147,12 +148,6 @@ def _fingerprint(seqs: list[list[int]], hooks: list[str]) -> str:
         h.update(len(s).to_bytes(4, "little"))
         h.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _rank_progress(out: Path) -> list[dict[str, Any]]:
@@ -333,74 +328,6 @@ def load_activations(folder: str | Path, hook: str | None = None, *, skip_first:
     if max_tokens is not None:
         res = Activations(*(x[:max_tokens] for x in res))
     return res
-
-
-# --- building the example list (shared with the CLI and the artifacts builder) ------------------
-def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), hh_rlhf: int = 0,
-                   hh_rlhf_text: int = 0, wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
-                   generate: bool = True, max_new_tokens: int = 48, gen_batch_size: int = 16,
-                   seed: int = 0, data: str | None = None, cache: str | Path | None = None,
-                   progress: bool = True, dist: Dist | None = None) -> list[Example]:
-    """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
-    given; ``hh_rlhf_text`` more of them as plain "Human: / Assistant:" text without the chat
-    template, sampled independently with ``seed + 1``) and chunks of WikiText-2 test's training part (disjoint from the articles ``evaluate-sae`` scores). ``limit_per_set`` samples each prompt set with
-    ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused.
-    Under several ranks (``dist``) the generation batches are shared out and every rank returns
-    the whole list; rank 0 writes the cache."""
-    from steerplug import data as D
-    from steerplug.pipeline.examples import hh_rlhf_examples, prompt_examples, text_examples
-
-    dist = dist or Dist()
-
-    if cache is not None and Path(cache).is_file():
-        return [Example(**e) for e in json.loads(Path(cache).read_text())]
-    g = torch.Generator().manual_seed(seed)
-    examples: list[Example] = []
-    for name in prompt_sets:
-        prompts = D.load_prompts(name, data)
-        if limit_per_set is not None and len(prompts) > limit_per_set:
-            pick = torch.randperm(len(prompts), generator=g)[:limit_per_set].sort().values
-            prompts = [prompts[int(i)] for i in pick]
-        exs = prompt_examples(prompts)
-        if generate:
-            exs = _generate_shared(model, tokenizer, exs, dist, max_new_tokens=max_new_tokens,
-                                   batch_size=gen_batch_size, progress=progress and dist.is_main)
-        examples += exs
-    if hh_rlhf:
-        dialogues = D.hh_rlhf_harmless_test(data)
-        pick = torch.randperm(len(dialogues), generator=g)[:hh_rlhf].sort().values
-        examples += hh_rlhf_examples([dialogues[int(i)] for i in pick])
-    if hh_rlhf_text:
-        dialogues = D.hh_rlhf_harmless_test(data)
-        pick = torch.randperm(len(dialogues), generator=torch.Generator().manual_seed(seed + 1))[:hh_rlhf_text]
-        examples += [Example(text=dialogues[int(i)]["chosen"].strip(),
-                             labels={"source": "hh_rlhf_text", "index": int(i)}) for i in pick.sort().values]
-    if wikitext_chunks:
-        # Only the training part: the evaluation part stays held out (steerplug.data.wikitext_test).
-        examples += text_examples(D.wikitext_test(data, part="train"), tokenizer, chunk_tokens,
-                                  limit=wikitext_chunks, source="wikitext2_test_train_part")
-    if cache is not None and dist.is_main:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(Path(cache), [asdict(e) for e in examples])
-    return examples
-
-
-def _generate_shared(model: Any, tokenizer: Any, examples: list[Example], dist: Dist, *, batch_size: int,
-                     **kwargs: Any) -> list[Example]:
-    """``generate_answers`` with every ``world_size``-th batch of ``batch_size`` examples on each
-    rank: the batches are the ones one process would decode, so the answers are the same."""
-    from steerplug.pipeline.examples import generate_answers
-
-    starts = list(range(0, len(examples), batch_size))[dist.rank::dist.world_size]
-    mine = [e for s in starts for e in examples[s:s + batch_size]]  # whole batches; a short one only last
-    answered = generate_answers(model, tokenizer, mine, batch_size=batch_size, **kwargs) if mine else []
-    if not dist.active:
-        return answered
-    by_start: dict[int, list[Example]] = {}
-    for rank, part in enumerate(dist.all_gather_object(answered)):
-        for j, s in enumerate(range(0, len(examples), batch_size)[rank::dist.world_size]):
-            by_start[s] = part[j * batch_size:(j + 1) * batch_size]
-    return [e for s in sorted(by_start) for e in by_start[s]]
 
 
 # --- CLI ------------------------------------------------------------------------------------------
