@@ -7,7 +7,7 @@ the ratio is taken between the medians.
 
 ``train``: TopK SAE (``--d-sae`` x d_model, k 32) on activations collected from the default model,
 global batch ``--batch-size`` (split over the ranks), ``--steps`` steps; tokens/s over the training
-loop (from the run's log), and over the whole ``train_sae`` call (the input scale, the
+loop after its first step (from the run's log), and over the whole ``train_sae`` call (the input scale, the
 initialisation and the final fold included, which every rank repeats).
 ``collect``: ``steerplug collect``'s capture at layer 15 of the default model over 160 prompts
 each of ``harmful_train`` and ``harmless_train`` (chat-formatted, no generation); tokens/s.
@@ -52,8 +52,11 @@ def _worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         res = train_sae(acts, tcfg, loop, dist=dist)
         wall = time.perf_counter() - t0
-        n_tokens = args.batch_size * args.steps
-        dt = n_tokens / res.history[-1]["tokens_per_s"]  # the training loop alone
+        # the training loop after its first step (which also sets up the collectives' connections):
+        # history[0] is logged after step 0, history[-1] after the last, each with tokens / elapsed
+        first, last = res.history[0], res.history[-1]
+        dt = (last["step"] + 1) * args.batch_size / last["tokens_per_s"] - args.batch_size / first["tokens_per_s"]
+        n_tokens = last["step"] * args.batch_size
     else:
         from steerplug.models import load_model
         from steerplug.pipeline.collect import CollectConfig, build_examples, collect_activations
@@ -75,7 +78,8 @@ def _worker(args: argparse.Namespace) -> None:
         n_tokens = res.n_tokens
     if dist.is_main:
         Path(args.result).write_text(json.dumps({"tokens_per_s": n_tokens / dt, "seconds": dt,
-                                                 "call_tokens_per_s": n_tokens / wall}))
+                                                 "call_tokens_per_s": args.batch_size * args.steps / wall
+                                                 if args.what == "train" else n_tokens / wall}))
     teardown()
 
 

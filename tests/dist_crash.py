@@ -15,10 +15,10 @@ from steerplug.pipeline import trainers
 def _crash_at(step: int):
     real = trainers.TopKTrainer.update
 
-    def update(self, s, x):
+    def update(self, s, x, **kwargs):
         if s == step:
             raise RuntimeError(f"injected crash at step {s}")
-        return real(self, s, x)
+        return real(self, s, x, **kwargs)
 
     trainers.TopKTrainer.update = update
 

@@ -144,10 +144,10 @@ def test_training_resumes_from_checkpoint_exactly(tmp_path, monkeypatch):
 
     real = trainers.TopKTrainer.update
 
-    def crash(self, step, batch):
+    def crash(self, step, batch, **kwargs):
         if step == 25:
             raise KeyboardInterrupt
-        return real(self, step, batch)
+        return real(self, step, batch, **kwargs)
 
     monkeypatch.setattr(trainers.TopKTrainer, "update", crash)
     with pytest.raises(KeyboardInterrupt):

@@ -207,11 +207,12 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
     for step in range(start, cfg.total_steps):
         rows = batches(step).tensor_split(dist.world_size)[dist.rank]  # this rank's share of the global batch
         x = acts[rows].to(dist.device).float() * scale  # (B / world, D)
-        stats = trainer.update(step, x)
+        last = step == cfg.total_steps - 1
+        logged = step % cfg.log_every == 0 or last
+        stats = trainer.update(step, x, sync_stats=logged)
         tok0 += cfg.batch_size
         bar.update(1)
-        last = step == cfg.total_steps - 1
-        if step % cfg.log_every == 0 or last:
+        if logged:
             dt = time.perf_counter() - t0
             entry = {"step": step, **stats._asdict(), "lr": trainer.cfg.learning_rate * trainer.lr_factor(step),
                      "tokens_per_s": tok0 / dt if dt > 0 else float("nan")}
