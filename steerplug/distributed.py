@@ -70,9 +70,6 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def share(self, n: int) -> list[int]:
-        """This rank's indices of ``range(n)``: every ``world_size``-th, starting at ``rank``."""
-        return list(range(self.rank, n, self.world_size))
 
 
 def setup(device: str | torch.device | None = None) -> Dist:

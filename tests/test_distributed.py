@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from steerplug.pipeline import collect as C
 from steerplug.sae import SparseAutoencoder
 from conftest import make_byte_tokenizer, make_tiny_model
+from test_pipeline_train import planted
 
 if not torch.distributed.is_available():  # pragma: no cover - builds without distributed support
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -114,19 +115,11 @@ def test_collect_interrupted_on_one_rank_resumes_on_two(tiny_folder, tmp_path, m
 
 
 # --- training ------------------------------------------------------------------------------------
-def _planted(n=6000, d=32, f=96, p=0.04, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dic = torch.randn(f, d, generator=g)
-    dic /= dic.norm(dim=-1, keepdim=True)
-    codes = (torch.rand(n, f, generator=g) < p).float() * torch.rand(n, f, generator=g) * 4
-    return codes @ dic + 3.0
-
-
 @pytest.fixture(scope="module")
 def planted_folder(tmp_path_factory):
     """An activation folder (the layout ``collect`` writes) holding planted sparse data."""
     folder = tmp_path_factory.mktemp("planted")
-    x = _planted()
+    x = planted()
     n = x.shape[0]
     save_file({f"acts.{HOOK}": x.contiguous(), "token_ids": torch.zeros(n, dtype=torch.long),
                "seq_ids": torch.arange(n) // 50, "positions": torch.arange(n) % 50 + 1,
