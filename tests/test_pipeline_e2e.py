@@ -54,11 +54,14 @@ def test_pipeline_end_to_end(tmp_path, data_dir):
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none" and cfg["architecture"] == "topk"
     # 3. evaluate
-    report = E.evaluate_sae(model, tok, sae, E.EvalConfig(wikitext_sequences=4, seq_len=32, hellaswag_items=2,
+    report = E.evaluate_sae(model, tok, sae, E.EvalConfig(contexts=(16, 32), context_tokens=128, hellaswag_items=2,
                                                           probe_prompts=4, progress=False),
                             tmp_path / "eval", heldout_acts=acts[:100], data=data_dir)
     w = report["wikitext2_test"]
     assert 0 < w["l0"] <= 8 and w["ce_zero"] != w["ce_clean"]
+    assert list(report["contexts"]) == ["16", "32"] and w is report["contexts"]["32"]
+    assert [c["n_sequences"] for c in report["contexts"].values()] == [8, 4]
+    assert w["buckets"]["0-127"]["n_tokens"] == w["n_tokens"] == 4 * 31 and "fve_typical" in report["heldout_chat"]
     assert report["hellaswag"]["n_items"] == 2 and "harmful_vs_harmless" in report["probes"]
     assert (tmp_path / "eval" / "eval_report.json").is_file() and (tmp_path / "eval" / "eval_summary.png").is_file()
     # 4. features (force-prefixed generations)

@@ -343,6 +343,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hh-rlhf-text", type=int, default=0,
                    help="number of HH-RLHF dialogues as plain text (no chat template)")
     p.add_argument("--wikitext-chunks", type=int, default=0, help="chunks of WikiText-2 test's training part (the evaluation part is never collected)")
+    p.add_argument("--chunk-tokens", type=int, default=128,
+                   help="about this many tokens per WikiText chunk (split on paragraphs; cut at --max-length)")
     p.add_argument("--no-generate", action="store_true", help="prompts only, no generated answers")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-length", type=int, default=256)
@@ -366,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     examples = build_examples(model, tok, prompt_sets=args.prompt_sets, hh_rlhf=args.hh_rlhf,
                               hh_rlhf_text=args.hh_rlhf_text,
-                              wikitext_chunks=args.wikitext_chunks, limit_per_set=args.limit_per_set,
+                              wikitext_chunks=args.wikitext_chunks, chunk_tokens=args.chunk_tokens,
+                              limit_per_set=args.limit_per_set,
                               generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                               seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME, dist=dist)
     cfg = CollectConfig(hooks=args.hooks, max_length=args.max_length, batch_size=args.batch_size,

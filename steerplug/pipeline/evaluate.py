@@ -36,6 +36,8 @@ from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
 from steerplug.pipeline.examples import padded_batches
 from steerplug.pipeline.probes import (  # noqa: F401 (re-exported)
     PROBE_SCALINGS, PROBE_WEIGHT_DECAYS, logistic_probe, pooled_features, probe_eval)
+from steerplug.pipeline.recon import (  # noqa: F401 (re-exported)
+    ReconstructionStats, detailed_stats, reconstruction_stats)
 from steerplug.sae import SparseAutoencoder
 
 REPORT_NAME = "eval_report.json"
@@ -45,10 +47,11 @@ REPORT_NAME = "eval_report.json"
 class EvalConfig:
     """What to evaluate and on how much data."""
 
-    wikitext_sequences: int = 64
-    """WikiText-2 test chunks for reconstruction and CE metrics."""
-    seq_len: int = 128
-    """Tokens per WikiText chunk."""
+    contexts: tuple[int, ...] = (128, 512, 1024)
+    """Context lengths scored side by side: WikiText-2 test's evaluation part cut into consecutive
+    chunks of each length (the same text for every length). The longest is the headline."""
+    context_tokens: int = 16384
+    """Tokens scored per context length (``context_tokens // length`` chunks)."""
     hellaswag_items: int = 200
     """HellaSwag validation items (the first N; 0 skips HellaSwag)."""
     probe_prompts: int = 200
@@ -63,46 +66,16 @@ class EvalConfig:
     """Show tqdm bars."""
 
     def __post_init__(self) -> None:
-        require_ints(self, ("wikitext_sequences", "seq_len", "batch_size"))
+        require_ints(self, ("context_tokens", "batch_size"))
+        self.contexts = tuple(self.contexts)
+        if not self.contexts or any(not isinstance(c, int) or c < 2 for c in self.contexts):
+            raise ValueError(f"EvalConfig.contexts={self.contexts!r}: expected context lengths, integers >= 2.")
+        if self.context_tokens < max(self.contexts):
+            raise ValueError(f"EvalConfig.context_tokens={self.context_tokens} is shorter than the longest "
+                             f"context {max(self.contexts)}: raise it or drop that context.")
         require_ints(self, ("hellaswag_items", "probe_prompts"), minimum=0)
         if not 0 < self.dense_threshold < 1:
             raise ValueError(f"EvalConfig.dense_threshold={self.dense_threshold!r}: expected in (0, 1).")
-
-
-class ReconstructionStats(NamedTuple):
-    """Reconstruction quality over a set of activation rows."""
-
-    n_tokens: int
-    l0: float
-    mse: float
-    """Mean squared error per token (summed over dimensions)."""
-    fve: float
-    dead_fraction: float
-    dense_fraction: float
-    frequencies: torch.Tensor
-    """``(F,)`` fraction of tokens on which each latent is active."""
-
-
-@torch.no_grad()
-def reconstruction_stats(sae: SparseAutoencoder, acts: torch.Tensor, dense_threshold: float = 0.1,
-                         chunk: int = 4096) -> ReconstructionStats:
-    """L0, MSE, FVE, dead and dense latents of ``sae`` on ``acts (N, D)``."""
-    sae32 = sae.float()
-    n = acts.shape[0]
-    mean = acts.float().mean(0)  # (D,)
-    sse = tv = l0 = 0.0
-    counts = torch.zeros(sae.d_sae)
-    for s in range(0, n, chunk):
-        x = acts[s:s + chunk].float()  # (n, D)
-        x_hat, f = sae32(x)
-        sse += float((x_hat - x).pow(2).sum())
-        tv += float((x - mean).pow(2).sum())
-        on = f > 0  # (n, F)
-        l0 += float(on.sum())
-        counts += on.sum(0).float()
-    freq = counts / n
-    return ReconstructionStats(n, l0 / n, sse / n, 1 - sse / tv, float((freq == 0).float().mean()),
-                               float((freq > dense_threshold).float().mean()), freq)
 
 
 @contextmanager
@@ -154,15 +127,15 @@ class CEStats(NamedTuple):
 @torch.no_grad()
 def ce_and_activations(model: nn.Module, sae: SparseAutoencoder, hook_point: HookPoint,
                        seqs: list[list[int]], batch_size: int, pad_id: int,
-                       progress: bool = True) -> tuple[CEStats, torch.Tensor]:
-    """CE clean / spliced / zero-ablated on token sequences, and the clean activations at the hook
-    (positions >= 1, ``(N, D)``)."""
+                       progress: bool = True) -> tuple[CEStats, torch.Tensor, torch.Tensor]:
+    """CE clean / spliced / zero-ablated on token sequences, the clean activations at the hook
+    (positions >= 1, ``(N, D)``) and their positions ``(N,)``."""
     from tqdm.auto import tqdm
 
     sae32 = sae.float()
     tot = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_tok = 0
-    acts = []
+    acts, positions = [], []
     store: dict[str, torch.Tensor] = {}
 
     def grab(module, args, output):
@@ -179,14 +152,16 @@ def ce_and_activations(model: nn.Module, sae: SparseAutoencoder, hook_point: Hoo
         tot["clean"] += ce
         n_tok += n
         h = store.pop("h")  # (B, T, D)
-        acts.append(h[:, 1:][mask[:, 1:].bool()].float())
+        keep = mask[:, 1:].bool()
+        acts.append(h[:, 1:][keep].float())
+        positions.append(torch.arange(1, ids.shape[1]).expand_as(keep)[keep])
         with spliced(hook_point, lambda x: sae32(x).reconstruction):
             tot["sae"] += _ce(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)[0]
         with spliced(hook_point, torch.zeros_like):
             tot["zero"] += _ce(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)[0]
     c, s, z = (tot[k] / n_tok for k in ("clean", "sae", "zero"))
     rec = (z - s) / (z - c) if z != c else float("nan")
-    return CEStats(c, s, z, rec, n_tok), torch.cat(acts)
+    return CEStats(c, s, z, rec, n_tok), torch.cat(acts), torch.cat(positions)
 
 
 class HellaSwagStats(NamedTuple):
@@ -259,30 +234,38 @@ def wikitext_sequences(tokenizer: Any, n: int, seq_len: int, data: str | None = 
 
 def evaluate_sae(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, cfg: EvalConfig | None = None,
                  out_dir: str | Path | None = None, *, hook: str | None = None,
-                 heldout_acts: torch.Tensor | None = None, data: str | None = None,
-                 layers_path: str | None = None) -> dict[str, Any]:
+                 heldout_acts: torch.Tensor | None = None, heldout_positions: torch.Tensor | None = None,
+                 data: str | None = None, layers_path: str | None = None) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-able dict (and, with ``out_dir``, the JSON
-    report and plots). ``heldout_acts (N, D)``: extra held-out activations (e.g. chat) to score."""
+    report and plots). ``report["contexts"]["<length>"]`` holds each context length's numbers (with
+    position buckets and massive tokens, :func:`~steerplug.pipeline.recon.detailed_stats`);
+    ``report["wikitext2_test"]`` is the longest. ``heldout_acts (N, D)``: extra held-out
+    activations (e.g. chat) to score, bucketed by ``heldout_positions (N,)`` when given."""
     from steerplug.data import hellaswag_path
 
     cfg = cfg or EvalConfig()
     hp = resolve_hook_point(model, hook or sae.cfg.hook_name, layers_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = wikitext_sequences(tokenizer, cfg.wikitext_sequences, cfg.seq_len, data)
-    ce, acts = ce_and_activations(model, sae, hp, seqs, cfg.batch_size, pad, cfg.progress)
-    rec = reconstruction_stats(sae, acts, cfg.dense_threshold)
     report: dict[str, Any] = {
         "sae": {"hook_name": hp.name, "d_in": sae.d_in, "d_sae": sae.d_sae,
                 "architecture": sae.cfg.architecture, "k": sae.cfg.k},
         "config": asdict(cfg),
-        "wikitext2_test": {**{k: v for k, v in rec._asdict().items() if k != "frequencies"},
-                           **ce._asdict(), "n_sequences": len(seqs)},
+        "contexts": {},
     }
-    freqs = {"wikitext2_test": rec.frequencies}
+    freqs = {}
+    for length in sorted(cfg.contexts):
+        seqs = wikitext_sequences(tokenizer, cfg.context_tokens // length, length, data)
+        if not seqs:
+            raise ValueError(f"WikiText-2's evaluation part has fewer than {length} tokens: lower EvalConfig.contexts.")
+        ce, acts, pos = ce_and_activations(model, sae, hp, seqs, max(1, cfg.batch_size * 128 // length), pad,
+                                           cfg.progress)
+        stats, freq = detailed_stats(sae, acts, pos, cfg.dense_threshold)
+        report["contexts"][str(length)] = {**stats, **ce._asdict(), "n_sequences": len(seqs)}
+        freqs[f"WikiText-2, {length}-token contexts"] = freq
+    report["wikitext2_test"] = report["contexts"][str(max(cfg.contexts))]
     if heldout_acts is not None and heldout_acts.numel():
-        hrec = reconstruction_stats(sae, heldout_acts, cfg.dense_threshold)
-        report["heldout_chat"] = {k: v for k, v in hrec._asdict().items() if k != "frequencies"}
-        freqs["heldout_chat"] = hrec.frequencies
+        report["heldout_chat"], freqs["held-out chat"] = detailed_stats(sae, heldout_acts, heldout_positions,
+                                                                        cfg.dense_threshold)
     if cfg.hellaswag_items:
         items = read_hellaswag(hellaswag_path(data), cfg.hellaswag_items)
         report["hellaswag"] = hellaswag_eval(model, tokenizer, sae, hp, items, cfg.progress)._asdict()
@@ -314,7 +297,16 @@ def plot_report(report: dict[str, Any], freqs: dict[str, torch.Tensor], out: Pat
     plt.close(fig)
 
     w = report["wikitext2_test"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+    for length, c in report["contexts"].items():
+        names = list(c.get("buckets", {}))
+        axes[3].plot(names, [c["buckets"][b]["fve_typical"] for b in names], marker="o", label=f"{length} tokens")
+    if "buckets" in report.get("heldout_chat", {}):
+        b = report["heldout_chat"]["buckets"]
+        axes[3].plot(list(b), [v["fve_typical"] for v in b.values()], marker="s", ls="--", label="held-out chat")
+    axes[3].set_title("FVE by position (massive tokens left out)")
+    axes[3].set_xlabel("positions")
+    axes[3].legend(fontsize=7)
     axes[0].bar(["clean", "SAE spliced", "zero-ablated"], [w["ce_clean"], w["ce_sae"], w["ce_zero"]])
     axes[0].set_title(f"WikiText-2 CE (recovered {w['ce_recovered']:.3f})")
     if "hellaswag" in report:
@@ -334,23 +326,44 @@ def plot_report(report: dict[str, Any], freqs: dict[str, torch.Tensor], out: Pat
     plt.close(fig)
 
 
-def heldout_from_folder(folder: str | Path, every: int, hook: str | None = None) -> torch.Tensor:
-    """Activations of the sequences ``train`` held out (``seq_id % every == 0``), positions >= 1."""
+def heldout_from_folder(folder: str | Path, every: int, hook: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``(N, D)`` of the sequences ``train`` held out (``seq_id % every == 0``),
+    positions >= 1, and their positions ``(N,)``."""
     from steerplug.pipeline.collect import load_activations
 
     a = load_activations(folder, hook)
-    return a.acts[a.seq_ids % every == 0]
+    keep = a.seq_ids % every == 0
+    return a.acts[keep], a.positions[keep].long()
+
+
+def _buckets(stats: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: FVE {b['fve']:.3f} ({b['fve_typical']:.3f})" for k, b in stats.get("buckets", {}).items())
+
+
+def _massive(stats: dict[str, Any]) -> str:
+    m = stats["massive"]
+    if not m["n_tokens"]:
+        return "no massive tokens"
+    return (f"{m['n_tokens']} massive token(s) (norm > {m['ratio']:g}x median, {m['variance_share']:.0%} of the "
+            f"variance, relative error {m['relative_error']:.3f})")
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    w = report["wikitext2_test"]
-    lines = [f"WikiText-2 test, first quarter ({w['n_tokens']} tokens): L0 {w['l0']:.1f}, FVE {w['fve']:.3f}, "
-             f"dead {w['dead_fraction']:.3%}, dense {w['dense_fraction']:.3%}, CE clean {w['ce_clean']:.3f} / "
-             f"SAE {w['ce_sae']:.3f} / zero {w['ce_zero']:.3f} -> recovered {w['ce_recovered']:.3f}"]
+    """One block per context length (then chat, HellaSwag, probes). FVE in brackets: without the
+    massive-activation tokens (:mod:`steerplug.pipeline.recon`)."""
+    lines = []
+    for length, w in report["contexts"].items():
+        lines.append(f"WikiText-2 test, first quarter, {w['n_sequences']} x {length} tokens: L0 {w['l0']:.1f}, "
+                     f"FVE {w['fve']:.3f} ({w['fve_typical']:.3f}), dead {w['dead_fraction']:.3%}, "
+                     f"dense {w['dense_fraction']:.3%}, CE clean {w['ce_clean']:.3f} / SAE {w['ce_sae']:.3f} / "
+                     f"zero {w['ce_zero']:.3f} -> recovered {w['ce_recovered']:.3f}; {_massive(w)}")
+        lines.append(f"    by position: {_buckets(w)}")
     if "heldout_chat" in report:
         h = report["heldout_chat"]
-        lines.append(f"held-out chat ({h['n_tokens']} tokens): L0 {h['l0']:.1f}, FVE {h['fve']:.3f}, "
-                     f"dead {h['dead_fraction']:.3%}")
+        lines.append(f"held-out chat ({h['n_tokens']} tokens): L0 {h['l0']:.1f}, FVE {h['fve']:.3f} "
+                     f"({h['fve_typical']:.3f}), dead {h['dead_fraction']:.3%}; {_massive(h)}")
+        if "buckets" in h:
+            lines.append(f"    by position: {_buckets(h)}")
     if "hellaswag" in report:
         h = report["hellaswag"]
         lines.append(f"HellaSwag acc_norm (n={h['n_items']}): clean {h['acc_norm_clean']:.3f}, "
@@ -367,8 +380,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for eval_report.json and plots")
     p.add_argument("--model", default=None, help="Hub id or folder (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--hook", default=None, help="override the SAE's hook")
-    p.add_argument("--wikitext-sequences", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--contexts", type=int, nargs="+", default=list(EvalConfig.contexts),
+                   help="context lengths to score side by side (WikiText-2 chunks)")
+    p.add_argument("--context-tokens", type=int, default=EvalConfig.context_tokens,
+                   help="tokens scored per context length")
     p.add_argument("--hellaswag-items", type=int, default=200)
     p.add_argument("--probe-prompts", type=int, default=200)
     p.add_argument("--heldout-acts", default=None, help="activation folder whose held-out sequences to score")
@@ -383,10 +398,12 @@ def run(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model)
     sae = SparseAutoencoder.from_pretrained(args.sae)
-    cfg = EvalConfig(wikitext_sequences=args.wikitext_sequences, seq_len=args.seq_len,
+    cfg = EvalConfig(contexts=tuple(args.contexts), context_tokens=args.context_tokens,
                      hellaswag_items=args.hellaswag_items, probe_prompts=args.probe_prompts,
                      batch_size=args.batch_size, seed=args.seed)
-    held = heldout_from_folder(args.heldout_acts, args.heldout_every, args.hook) if args.heldout_acts else None
-    report = evaluate_sae(model, tok, sae, cfg, args.out, hook=args.hook, heldout_acts=held, data=args.data_dir)
+    held, pos = (heldout_from_folder(args.heldout_acts, args.heldout_every, args.hook) if args.heldout_acts
+                 else (None, None))
+    report = evaluate_sae(model, tok, sae, cfg, args.out, hook=args.hook, heldout_acts=held,
+                          heldout_positions=pos, data=args.data_dir)
     print(format_summary(report))
     return 0 if all(math.isfinite(v) for v in (report["wikitext2_test"]["fve"],)) else 1

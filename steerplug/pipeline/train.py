@@ -268,6 +268,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-every", type=int, default=0,
                    help="hold out sequences with seq_id %% N == 0 (for evaluate-sae --heldout-acts); 0: none")
     p.add_argument("--keep-first", action="store_true", help="keep position 0 (attention sink); default drops it")
+    p.add_argument("--max-norm-ratio", type=float, default=10.0,
+                   help="drop rows whose norm exceeds this times the median (massive activations: a few "
+                        "attention-sink tokens with 100x the usual norm); 0 keeps every row")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -294,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
             acts = acts[data.seq_ids % args.holdout_every != 0]
         parts.append(acts)
     acts = torch.cat(parts)
+    n_massive = 0
+    if args.max_norm_ratio:
+        from steerplug.pipeline.recon import massive_mask
+
+        big = massive_mask(acts.float().norm(dim=1), args.max_norm_ratio)
+        n_massive = int(big.sum())
+        acts = acts[~big]
     loop = TrainConfig(batch_size=args.batch_size, total_tokens=args.total_tokens, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype, device=args.device)
     tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, total_steps=loop.total_steps,
@@ -304,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     dist = setup(args.device)
     res = train_sae(acts, tcfg, loop, args.out, hook_name=hook, model_name=model_name,
                     metadata={"activations": [str(a) for a in args.acts], "n_train_tokens": int(acts.shape[0]),
-                              "holdout_every": args.holdout_every}, dist=dist)
+                              "holdout_every": args.holdout_every, "max_norm_ratio": args.max_norm_ratio,
+                              "massive_tokens_dropped": n_massive}, dist=dist)
     last = res.history[-1]
     if dist.is_main:
         print(f"saved {args.out}: L0 {last['l0']:.1f}, FVE {last['fve']:.3f}, dead {last['dead_fraction']:.3f} "
