@@ -71,3 +71,31 @@ def test_massive_mask_uses_the_median_norm():
     norm = torch.tensor([1.0, 1.1, 0.9, 1.0, 25.0])
     assert massive_mask(norm).tolist() == [False, False, False, False, True]
     assert not massive_mask(norm, ratio=30).any()
+
+
+@pytest.mark.parametrize("ratio,dropped", [("10", 2), ("0", 0)])
+def test_train_drops_massive_rows_and_records_how_many(tmp_path, ratio, dropped):
+    import json
+
+    from safetensors.torch import save_file
+
+    from steerplug import cli
+    from steerplug.pipeline.collect import MANIFEST_NAME
+
+    hook = "blocks.0.hook_resid_post"
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 16
+    x = torch.randn(n, d, generator=g)
+    x[[100, 400]] *= 500.0  # two massive rows
+    save_file({f"acts.{hook}": x, "token_ids": torch.zeros(n, dtype=torch.long), "seq_ids": torch.arange(n) // 50,
+               "positions": torch.arange(n) % 50 + 1, "roles": torch.full((n,), 2, dtype=torch.int8)},
+              str(tmp_path / "shard_00000.safetensors"))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({
+        "format": "steerplug-activations-v1", "hooks": [hook], "d_model": d, "model_name": None,
+        "shards": [{"file": "shard_00000.safetensors", "n_tokens": n, "batches": [0]}], "complete": True}))
+    out = tmp_path / "sae"
+    assert cli.main(["train", "--acts", str(tmp_path), "--out", str(out), "--d-sae", "32", "--k", "4",
+                     "--batch-size", "64", "--total-tokens", "640", "--checkpoint-every", "0",
+                     "--max-norm-ratio", ratio]) == 0
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["massive_tokens_dropped"] == dropped and meta["n_train_tokens"] == n - dropped
