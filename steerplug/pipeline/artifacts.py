@@ -61,8 +61,8 @@ class ArtifactsConfig:
     """Training tokens (about 5 epochs over the collected activations)."""
     holdout_every: int = 20
     """Sequences with seq_id % N == 0 are held out from training (scored by evaluate)."""
-    hellaswag_items: int = 500
-    """HellaSwag items for the spliced-vs-clean comparison."""
+    hellaswag_items: int = 1000
+    """HellaSwag items for the spliced-vs-clean comparison (issue #11 asks for n >= 1,000)."""
     context_tokens: int = 16384
     """Tokens of WikiText-2 test's evaluation part scored per context length (128, 512, 1,024)."""
     probe_prompts: int = 256
