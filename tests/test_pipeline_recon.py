@@ -99,3 +99,15 @@ def test_train_drops_massive_rows_and_records_how_many(tmp_path, ratio, dropped)
                      "--max-norm-ratio", ratio]) == 0
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
     assert meta["massive_tokens_dropped"] == dropped and meta["n_train_tokens"] == n - dropped
+
+
+def test_eval_config_names_bad_contexts():
+    from steerplug.pipeline.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match="EvalConfig.contexts"):
+        EvalConfig(contexts=())
+    with pytest.raises(ValueError, match="EvalConfig.contexts"):
+        EvalConfig(contexts=(128, 1))
+    with pytest.raises(ValueError, match="context_tokens=512 is shorter than the longest context 1024"):
+        EvalConfig(contexts=(128, 1024), context_tokens=512)
+    assert EvalConfig(contexts=[64, 32]).contexts == (64, 32)

@@ -2,9 +2,11 @@
 
 Measured (position 0 of every sequence, the attention sink, is always left out):
 
-- reconstruction on WikiText-2 test chunks (and optionally held-out sequences of an activation
-  folder): L0, MSE, fraction of variance explained (FVE), dead latents (never active on the
-  evaluation tokens) and dense latents (active on more than ``dense_threshold`` of them);
+- reconstruction on WikiText-2 test chunks of several context lengths (128, 512 and 1,024 tokens
+  by default, the same text each time), and optionally held-out sequences of an activation folder:
+  L0, MSE, fraction of variance explained (FVE), dead latents (never active on the evaluation
+  tokens) and dense latents (active on more than ``dense_threshold`` of them), overall and per
+  position bucket, with the massive-activation tokens set apart (:mod:`steerplug.pipeline.recon`);
 - next-token CE loss of the model clean, with the SAE reconstruction spliced in at the hook, and
   with the hook zero-ablated; ``CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)``;
 - HellaSwag ``acc_norm`` (length-normalised log-likelihood; byte length as in lm-eval) through the
