@@ -34,6 +34,7 @@ import torch
 
 from steerplug import SteeredModel
 from steerplug.data import load_prompts
+from steerplug.pipeline.features import auroc
 from steerplug.pipeline.gate import TEST_SETS, choose_gate, fit_logistic, gate_prompts, prompt_features
 
 POOLS = (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"), ("max",), ("mean", "tail:2"))
@@ -56,10 +57,6 @@ def intent_twins(prompts: list[str], frames: tuple[str, ...], seed: int) -> list
         if body and "\n" not in body and len(body) <= 200:
             out.append(rng.choice(frames).format(body[0].lower() + body[1:]))
     return out
-
-
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
 
 
 def main() -> None:

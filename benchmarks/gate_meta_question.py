@@ -18,6 +18,8 @@ import json
 import torch
 from steerplug import SteeredModel
 from steerplug.data import load_prompts
+from steerplug.interventions import chat_prompts
+from steerplug.pipeline.features import auroc
 from steerplug.pipeline.gate import fit_logistic
 ap = argparse.ArgumentParser(description="Meta-question gate diagnostic (issue #10).")
 ap.add_argument("--threads", type=int, default=2)
@@ -32,14 +34,12 @@ LAYERS = (9, 15, 21, 27)
 @torch.no_grad()
 def run(prompts):
     zs, hs = [], []
-    for p in prompts:
-        t = tok.apply_chat_template([{"role": "user", "content": Q.format(p)}], add_generation_prompt=True, tokenize=False)
+    for t in chat_prompts(tok, [Q.format(p) for p in prompts]):
         out = m(torch.tensor([tok.encode(t, add_special_tokens=False)]), output_hidden_states=True)
         lp = out.logits[0, -1].float().log_softmax(-1)
         zs.append(float(lp[yes].logsumexp(0) - lp[no].logsumexp(0)))
         hs.append(torch.stack([out.hidden_states[l][0, -1].float() for l in LAYERS]))
     return torch.tensor(zs), torch.stack(hs)
-def auroc(a, b): return float((a[:, None] > b[None]).float().mean() + 0.5 * (a[:, None] == b[None]).float().mean())
 tr_h = [p.text for p in load_prompts("harmful_train")][:200]; tr_b = [p.text for p in load_prompts("harmless_train")][:200]
 jh = [p.text for p in load_prompts("jbb_harmful")]; jb = [p.text for p in load_prompts("jbb_benign")]
 (zth, hth), (ztb, htb), (zjh, hjh), (zjb, hjb) = run(tr_h), run(tr_b), run(jh), run(jb)

@@ -24,6 +24,7 @@ import torch
 
 from steerplug import SteeredModel
 from steerplug.data import load_prompts
+from steerplug.interventions import chat_prompts
 from steerplug.judge import get_judge
 
 CANNED = (
@@ -46,8 +47,7 @@ def main() -> None:
     sm = SteeredModel.from_pretrained()
     tok = sm.tokenizer
     prompts = [p.text for p in load_prompts("harmful_val") + load_prompts("harmbench_val")]
-    contexts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                        tokenize=False) for p in prompts]
+    contexts = chat_prompts(tok, prompts)
 
     @torch.no_grad()
     def answers(steered: bool) -> list[str]:
