@@ -46,8 +46,9 @@ def _worker(args: argparse.Namespace) -> None:
 
         acts = load_activations(args.acts).acts
         loop = TrainConfig(batch_size=args.batch_size, total_tokens=args.batch_size * args.steps, progress=False,
-                           checkpoint_every=0, log_every=args.steps)
-        tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, k=32, total_steps=loop.total_steps)
+                           checkpoint_every=0, log_every=args.steps, exchange=args.exchange)
+        tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, k=32, total_steps=loop.total_steps,
+                             dead_tokens=args.dead_tokens)
         dist.barrier()
         t0 = time.perf_counter()
         res = train_sae(acts, tcfg, loop, dist=dist)
@@ -89,7 +90,8 @@ def _measure(what: str, nproc: int, args: argparse.Namespace) -> dict[str, float
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            __file__, "--worker", what, "--result", result, "--acts", str(args.acts), "--d-sae", str(args.d_sae),
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--dead-tokens", str(args.dead_tokens), "--exchange", args.exchange]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     out = json.loads(Path(result).read_text())
     os.unlink(result)
@@ -104,6 +106,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--exchange", default="auto", choices=("auto", "codes", "grads"),
+                   help="train: what the ranks exchange (TrainConfig.exchange)")
+    p.add_argument("--dead-tokens", type=int, default=100_000,
+                   help="train: a latent silent this many tokens is dead (AuxK trains it); 0 makes every "
+                        "latent dead, so the AuxK term runs on every step (its costliest case)")
     p.add_argument("--worker", choices=("train", "collect"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()

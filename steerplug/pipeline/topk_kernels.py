@@ -24,47 +24,41 @@ def _rows_by_latent(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> to
                                    check_invariants=False)
 
 
+def latent_outer(idx: torch.Tensor, vals: torch.Tensor, m: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """``(F, D)``: row ``f`` is ``sum over (b, j) with idx[b, j] == f of vals[b, j] * m[b]``, i.e.
+    ``S.T @ m`` for the scattered ``(B, F)`` top-k matrix ``S``, at ``B k D`` cost (the weight
+    gradients of a TopK SAE: ``vals`` the activations and ``m`` the output gradient for the decoder,
+    ``vals`` the pre-activation gradient and ``m`` the centred input for the encoder)."""
+    return torch.sparse.mm(_rows_by_latent(idx, vals, n_latents), m)
+
+
+def gathered_dot(idx: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``(B, k)``: ``g[b] . W[idx[b, j]]``, only those entries of ``g @ W.T`` (a sampled matmul):
+    the gradient of the top-k values of ``sum_j vals[:, j] * W[idx[:, j]]`` given ``g (B, D)``."""
+    B, k = idx.shape
+    crow = torch.arange(0, B * k + 1, k, device=idx.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
+        warnings.simplefilter("ignore", UserWarning)
+        sample = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=g.dtype, device=g.device),
+                                         (B, W.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(sample, g, W.T).values().reshape(B, k)
+
+
 def _encoder_grads(xc: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor,
                    need_W: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``pre = xc @ W + b`` given ``g (B, k)`` on the entries ``(b, idx[b, j])`` only:
     ``W`` by a sparse x dense product (``B k D``, not the dense ``B F D`` GEMM), and ``b``."""
     F_ = W.shape[1]
     g_sum = torch.zeros(F_, dtype=W.dtype, device=W.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-    grad_W = torch.sparse.mm(_rows_by_latent(idx, g, F_), xc).T if need_W else None  # (F, D) -> (D, F)
+    grad_W = latent_outer(idx, g, xc, F_).T if need_W else None  # (F, D) -> (D, F)
     return grad_W, g_sum
 
 
-class _TopKEncode(torch.autograd.Function):
-    """``relu(topk((x - b_dec) @ W + b))`` returning the k values, their indices and the dense
-    pre-activations (not differentiable: AuxK reads them to choose latents, then takes its values
-    through ``_ColumnsEncode`` or ``_GatherEncode``). Backward: sparse, ``B k D`` (``_encoder_grads``); ``x`` gets no
-    gradient, ``b_dec`` gets its reduced one directly."""
-
-    @staticmethod
-    def forward(ctx, x, W, b, b_dec, k: int):  # x (B, D), W (D, F), b (F,), b_dec (D,)
-        xc = x - b_dec  # (B, D)
-        pre = torch.addmm(b, xc, W)  # (B, F)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
-        acts = vals.clamp_min(0)
-        ctx.save_for_backward(xc, W, idx, acts)
-        ctx.mark_non_differentiable(idx, pre)
-        ctx.set_materialize_grads(False)  # no (B, F) zero tensor for the non-differentiable ``pre``
-        return acts, idx, pre
-
-    @staticmethod
-    def backward(ctx, g_acts, g_idx, g_pre):
-        if g_acts is None:
-            return None, None, None, None, None
-        xc, W, idx, acts = ctx.saved_tensors
-        grad_W, g_sum = _encoder_grads(xc, W, idx, g_acts * (acts > 0), ctx.needs_input_grad[1])
-        grad_bdec = -(W @ g_sum) if ctx.needs_input_grad[3] else None  # (D,)
-        return None, grad_W, g_sum, grad_bdec, None
-
-
 class _GatherEncode(torch.autograd.Function):
-    """The pre-activations ``vals (B, k)`` at latents ``idx (B, k)``, already computed (AuxK picks
-    them from the dense ``pre``), made differentiable in ``W``, ``b`` and ``b_dec`` at ``B k D``
-    cost: the dense ``(B, F)`` gradient of ``pre`` is never formed."""
+    """The pre-activations ``vals (B, k)`` at latents ``idx (B, k)``, already computed (the top-k
+    of the dense ``pre``, possibly on another rank; or the dead latents AuxK picks), made
+    differentiable in ``W``, ``b`` and ``b_dec`` at ``B k D`` cost: the dense ``(B, F)`` gradient
+    of ``pre`` is never formed, and ``x`` gets none."""
 
     @staticmethod
     def forward(ctx, x, W, b, b_dec, idx, vals):
@@ -92,15 +86,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # g_out (B, D)
         idx, acts, W_dec = ctx.saved_tensors
-        B, k = idx.shape
-        crow = torch.arange(0, B * k + 1, k, device=idx.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
-            warnings.simplefilter("ignore", UserWarning)
-            sample = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=g_out.dtype,
-                                             device=g_out.device), (B, W_dec.shape[0]), check_invariants=False)
-        g_acts = torch.sparse.sampled_addmm(sample, g_out, W_dec.T).values().reshape(B, k)  # (B, k)
-        grad_W = torch.sparse.mm(_rows_by_latent(idx, acts, W_dec.shape[0]), g_out)  # (F, D)
-        return None, g_acts, grad_W
+        return None, gathered_dot(idx, g_out, W_dec), latent_outer(idx, acts, g_out, W_dec.shape[0])
 
 
 def sparse_decode(idx: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

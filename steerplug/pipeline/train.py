@@ -7,8 +7,9 @@ training; at the end the scale is folded into the weights (``W_enc * s``, ``W_de
 resumed from a checkpoint continues exactly where it stopped.
 
 Under ``torchrun`` the loop is data parallel (see :mod:`steerplug.distributed`): every rank reads
-the same activations and draws the same global batch of ``batch_size`` rows, takes its
-contiguous share of it, and the trainer all-reduces what the step needs. The checkpoint holds
+the same activations and draws the same global batch of ``batch_size`` rows; the trainer splits
+the work on it over the ranks and exchanges what the step needs (see
+:mod:`steerplug.pipeline.trainers`). The checkpoint holds
 the global state only (weights, Adam moments, dead-latent counters, step), so a run resumes on
 any number of ranks. Rank 0 alone writes checkpoints, the SAE, the log and the plot.
 
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from steerplug._config import require_ints
 from steerplug.distributed import Dist, setup
-from steerplug.pipeline.trainers import SAETrainer, TrainerConfig, make_trainer
+from steerplug.pipeline.trainers import EXCHANGES, SAETrainer, TrainerConfig, make_trainer
 from steerplug.sae import SparseAutoencoder
 
 CHECKPOINT_DIR = "checkpoint"
@@ -61,6 +62,11 @@ class TrainConfig:
     """Dtype of the saved SAE weights: float32, float16 or bfloat16."""
     progress: bool = True
     """Show a tqdm bar."""
+    exchange: str = "auto"
+    """TopK under ``torchrun``: what the ranks exchange each step, ``codes`` (all-gather the top-k
+    codes, every rank computes the whole batch's sparse gradients), ``grads`` (all-reduce the
+    gradients) or ``auto`` (codes for small batches); see :class:`~steerplug.pipeline.trainers.TopKTrainer`.
+    Both give the one-process step, so it is not part of the checkpoint."""
     device: str | None = None
     """Where the SAE trains: ``cpu``, ``cuda``, ...; None: the CPU in one process, under ``torchrun``
     ``cuda:LOCAL_RANK`` when CUDA is available (the backend follows: nccl for CUDA, gloo for CPU)."""
@@ -69,6 +75,8 @@ class TrainConfig:
         require_ints(self, ("batch_size", "total_tokens", "log_every"))
         if self.checkpoint_every < 0:
             raise ValueError(f"TrainConfig.checkpoint_every={self.checkpoint_every!r}: expected >= 0.")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"TrainConfig.exchange={self.exchange!r}: expected one of {EXCHANGES}.")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"TrainConfig.save_dtype={self.save_dtype!r}: expected float32, float16 or bfloat16.")
 
@@ -185,7 +193,7 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
                          f"TrainConfig.total_steps={cfg.total_steps} (total_tokens // batch_size).")
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
-    trainer = make_trainer(trainer_cfg, dist=dist)
+    trainer = make_trainer(trainer_cfg, dist=dist, exchange=cfg.exchange)
     scale = activation_scale(acts, seed=cfg.seed) if cfg.normalize else 1.0
     batches = _Batches(acts.shape[0], cfg.batch_size, cfg.seed)
     history: list[dict[str, float]] = []
@@ -205,8 +213,7 @@ def train_sae(acts: torch.Tensor, trainer_cfg: TrainerConfig, cfg: TrainConfig |
                disable=not (cfg.progress and dist.is_main))
     t0, tok0 = time.perf_counter(), 0
     for step in range(start, cfg.total_steps):
-        rows = batches(step).tensor_split(dist.world_size)[dist.rank]  # this rank's share of the global batch
-        x = acts[rows].to(dist.device).float() * scale  # (B / world, D)
+        x = acts[batches(step)].to(dist.device).float() * scale  # (B, D) the global batch; the trainer splits it
         last = step == cfg.total_steps - 1
         logged = step % cfg.log_every == 0 or last
         stats = trainer.update(step, x, sync_stats=logged)
@@ -274,6 +281,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exchange", default="auto", choices=EXCHANGES,
+                   help="topk under torchrun: all-gather the top-k codes (codes) or all-reduce the gradients "
+                        "(grads); auto: codes while batch-size x k <= 32 x d-sae (see BENCHMARKS.md, issue #14)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: the CPU; under torchrun cuda:LOCAL_RANK when CUDA is available)")
 
@@ -305,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
         n_massive = int(big.sum())
         acts = acts[~big]
     loop = TrainConfig(batch_size=args.batch_size, total_tokens=args.total_tokens, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype, device=args.device)
+                       checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype, device=args.device,
+                       exchange=args.exchange)
     tcfg = TrainerConfig(d_in=acts.shape[1], d_sae=args.d_sae, total_steps=loop.total_steps,
                          architecture=args.architecture, k=args.k, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_start=args.decay_start,

@@ -13,13 +13,16 @@ Both keep decoder rows at unit norm (the gradient component parallel to each row
 before the step, rows are renormalised after), use Adam with linear warm-up and a final linear
 decay, and track how many tokens ago each latent last fired (dead latents).
 
-Data parallel (``dist``, a :class:`~steerplug.distributed.Dist` of several ranks): each rank
-passes its share of the global batch. Every loss is a sum over tokens divided by a global
-quantity (the batch's total variance or its token count), so the sum of the ranks' gradients is
-the gradient of the one-process loss on the whole batch; it is all-reduced before the
-decoder-norm projection and the Adam step, which therefore run identically on every rank. The
-statistics the step depends on (the batch mean and variance, which latents fired, the
-p-annealing rescale) are reduced over the ranks too, so no rank drifts.
+Data parallel (``dist``, a :class:`~steerplug.distributed.Dist` of several ranks): every rank
+passes the same global batch to ``update`` and the trainer splits the work on it. Every loss is a
+sum over tokens divided by a global quantity (the batch's total variance or its token count), so
+the sum of the ranks' gradients is the gradient of the one-process loss on the whole batch.
+:class:`ReLUL1Trainer` all-reduces the gradients before the decoder-norm projection and the Adam
+step, which therefore run identically on every rank; the statistics the step depends on (the batch
+mean and variance, which latents fired, the p-annealing rescale) are reduced too, so no rank
+drifts. :class:`TopKTrainer` splits the encoder GEMM and the top-k over the ranks and then either
+all-gathers the codes (every rank computes the whole batch's sparse gradients) or all-reduces the
+gradients, whichever moves less for the batch (see its docstring).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from steerplug._config import require_ints
 from steerplug.distributed import SINGLE, Dist
-from steerplug.pipeline.topk_kernels import _TopKEncode, auxk_loss, sparse_decode
+from steerplug.pipeline.topk_kernels import auxk_loss, gathered_dot, latent_outer, sparse_decode
 from steerplug.sae import SparseAutoencoder
 
 
@@ -171,19 +175,12 @@ class SAETrainer:
 
     @torch.no_grad()
     def _reduce_grads(self) -> None:
-        """Sum the gradients over the ranks: one all-reduce per parameter, all in flight at once
-        (no flat copy: on 2 CPU processes that copy cost as much as a third of the reduction)."""
-        if not self.dist.active:
-            return
-        import torch.distributed as dist
-
-        works = []
-        for p in self.sae.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            works.append(dist.all_reduce(p.grad, async_op=True))
-        for w in works:
-            w.wait()
+        """Sum the gradients over the ranks."""
+        if self.dist.active:
+            for p in self.sae.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.dist.all_reduce_many_([p.grad for p in self.sae.parameters()])
 
     def _reduce_stats(self, values: list[float | torch.Tensor], sync: bool = True) -> list[float]:
         """Sums over the ranks of per-rank scalar sums (one small all-reduce); with ``sync``
@@ -192,14 +189,20 @@ class SAETrainer:
         return (self.dist.all_reduce_(t) if sync else t * self.dist.world_size).tolist()
 
     def _step(self, step: int, loss: torch.Tensor) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.learning_rate * self.lr_factor(step)
+        """Backward, sum the gradients over the ranks, and :meth:`_apply`."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._reduce_grads()
+        self._apply(step)
+
+    def _apply(self, step: int) -> None:
+        """The optimiser step on the (whole batch's) gradients in ``.grad``, under the decoder-norm
+        constraint."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.learning_rate * self.lr_factor(step)
         W = self.sae.W_dec
         with torch.no_grad():  # keep ||W_dec[i]|| = 1: drop the radial part of the gradient ...
-            W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
+            W.grad.addcmul_(W, torch.linalg.vecdot(W.grad, W).unsqueeze(1), value=-1)
         self.optimizer.step()
         with torch.no_grad():  # ... and renormalise after the step
             W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -211,9 +214,10 @@ class SAETrainer:
         return float((self.tokens_since_fired >= self.cfg.dead_tokens).float().mean())
 
     def update(self, step: int, x: torch.Tensor, sync_stats: bool = True) -> StepStats:
-        """One optimiser step on ``x (B, D)`` (this rank's share of the batch). The returned
-        statistics are the whole batch's when ``sync_stats`` (always in one process); else this
-        rank's, scaled, which saves a collective on steps that are not logged."""
+        """One optimiser step on the global batch ``x (B, D)``, the same on every rank (each works
+        on its share, ``self.dist.share(x)``). The returned statistics are the whole batch's;
+        a trainer whose statistics cost a collective may return this rank's, scaled, when
+        ``sync_stats`` is False (steps that are not logged)."""
         raise NotImplementedError
 
     # --- checkpoints: tensors + JSON-able scalars (no pickles) ---------------------------------
@@ -242,29 +246,127 @@ class SAETrainer:
                     step_device if k.endswith(".step") else p.device).clone() for k in keys}
 
 
+EXCHANGES = ("auto", "codes", "grads")
+CODES_MAX_ROWS_PER_LATENT = 32
+"""``exchange="auto"`` all-gathers codes while ``batch_size * k <= 32 * d_sae`` and all-reduces
+gradients above (measured on 2 CPU processes, gloo, 576 x 2048, k 32: codes 1.10-1.19x vs
+gradients 1.00x at batch 1,024; gradients 1.60x vs codes 1.44x at 4,096; BENCHMARKS.md, issue #14)."""
+
+
 class TopKTrainer(SAETrainer):
-    """TopK SAE + AuxK (Gao et al. 2024). Loss = FVU + auxk_alpha * AuxK-FVU of the residual."""
+    """TopK SAE + AuxK (Gao et al. 2024). Loss = FVU + auxk_alpha * AuxK-FVU of the residual.
+
+    The step's gradients are written out (no autograd for the main term: the weight gradients are
+    ``B k D`` sparse products). Data parallel, the encoder GEMM and the top-k (the ``B D F`` work)
+    always run on each rank's share of the rows; what the ranks exchange is ``exchange``:
+
+    - ``codes``: the ranks all-gather the codes (``2 B k`` numbers) and every rank computes the rest
+      of the step (decoder, loss, sparse weight gradients, dead-latent counters) for the whole
+      batch, which it holds, so it takes exactly the one-process step. No gradient crosses, except
+      the AuxK term's (it needs the dense pre-activations, which only the rows' rank has): non-zero
+      only on the dead latents and ``b_dec``, summed in one compact all-reduce. Cheapest while the
+      replicated ``B k D`` work is small against an all-reduce of ``2 F D`` numbers.
+    - ``grads``: classic data parallel: each rank computes its rows' gradients and the ranks
+      all-reduce them (and, before AuxK, which latents fired). Cheapest for large batches.
+    - ``auto``: ``codes`` while ``B k <= CODES_MAX_ROWS_PER_LATENT * F``, else ``grads``.
+    """
+
+    def __init__(self, cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None,
+                 exchange: str = "auto"):
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r}: expected one of {EXCHANGES}.")
+        super().__init__(cfg, sae, dist)
+        self.exchange = exchange
+
+    def exchange_for(self, batch_size: int) -> str:
+        """``codes`` or ``grads``: what the ranks exchange for a global batch of ``batch_size``."""
+        if self.exchange != "auto":
+            return self.exchange
+        return "codes" if batch_size * self.cfg.k <= CODES_MAX_ROWS_PER_LATENT * self.cfg.d_sae else "grads"
 
     def update(self, step: int, x: torch.Tensor, sync_stats: bool = True) -> StepStats:  # x (B, D), normalised
-        sae, c = self.sae, self.cfg
-        acts, idx, pre = _TopKEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, c.k)  # (B, k) x2, (B, F)
-        x_hat = sparse_decode(idx, acts, sae.W_dec) + sae.b_dec  # (B, D)
-        e = x_hat - x
-        fired = torch.zeros(c.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[acts > 0]] = True
-        n, total_var, fired = self._batch_moments(x, fired)
-        loss = e.pow(2).sum() / total_var
-        dead_frac = self._track(fired, n)
-        dead = self.tokens_since_fired >= c.dead_tokens  # (F,)
-        aux = torch.zeros((), device=x.device)
-        if c.auxk_alpha > 0 and bool(dead.any()):
-            aux = auxk_loss(x, sae, pre, e, dead, c.d_in // 2, total_var)
-            loss = loss + c.auxk_alpha * aux
-        self._step(step, loss)
+        sae, c, d = self.sae, self.cfg, self.dist
+        B, k = x.shape[0], c.k
+        codes = d.active and self.exchange_for(B) == "codes"
+        reduce = d.active and not codes  # the gradients are this rank's rows' and get summed
+        mine = d.share(x)  # (b, D) this rank's rows
         with torch.no_grad():
-            loss_, sse, l0_sum, aux_ = self._reduce_stats(
-                [loss.detach(), e.pow(2).sum(), (acts > 0).sum(), aux.detach()], sync_stats)
-        return StepStats(loss_, sse / n, 1 - sse / float(total_var), l0_sum / n, aux_, dead_frac)
+            # loss = sum ||e||^2 / total_var, e = decode(topk(encode(x))) - x
+            total_var = (x - x.mean(0)).pow(2).sum()
+            pre = torch.addmm(sae.b_enc, mine - sae.b_dec, sae.W_enc)  # (b, F): the step's B x D x F GEMM
+            vals, idx = pre.topk(k, dim=-1, sorted=False)  # (b, k)
+            rows = mine
+            if codes:  # every rank's codes, in one tensor (the latent ids' bits carried as floats)
+                both = d.all_gather_rows(torch.cat([vals, _bits(idx, vals.dtype)], 1), B)  # (B, 2k)
+                vals, idx, rows = both[:, :k], _unbits(both[:, k:]), x
+            acts = vals.clamp_min(0)  # (n, k) for the n rows this rank works on
+            e = F.embedding_bag(idx, sae.W_dec, per_sample_weights=acts, mode="sum") + sae.b_dec - rows  # (n, D)
+            g_out = e * (2 / total_var)  # d loss / d x_hat
+            g_pre = gathered_dot(idx, g_out, sae.W_dec) * (vals > 0)  # (n, k) d loss / d pre at the top k
+            g_enc = torch.zeros(c.d_sae, dtype=x.dtype, device=x.device).index_add_(0, idx.reshape(-1),
+                                                                                  g_pre.reshape(-1))
+            grads = {"W_dec": latent_outer(idx, acts, g_out, c.d_sae),  # B k D sparse products
+                     "W_enc": latent_outer(idx, g_pre, rows - sae.b_dec, c.d_sae).T.contiguous(),  # fused Adam needs it so
+                     "b_enc": g_enc,
+                     "b_dec": g_out.sum(0) - sae.W_enc @ g_enc}
+            fired = torch.zeros(c.d_sae, dtype=torch.bool, device=x.device)
+            fired[idx[acts > 0]] = True
+            counts = torch.stack([e.pow(2).sum(), (acts > 0).sum().to(e.dtype)])  # sse, active latents
+            if reduce:  # which latents fired anywhere (the dead set AuxK needs), and the sums
+                small = d.all_reduce_(torch.cat([fired.to(e.dtype), counts]))
+                fired, counts = small[:-2] > 0, small[-2:]
+        dead_frac = self._track(fired, B)
+        dead = self.tokens_since_fired >= c.dead_tokens  # (F,)
+        aux = torch.zeros((), dtype=x.dtype, device=x.device)
+        if c.auxk_alpha > 0 and bool(dead.any()):  # on this rank's rows, whose dense pre-activations it has
+            aux = self._add_aux_grads(grads, mine, pre, d.share(e) if codes else e, dead, total_var,
+                                      compact_reduce=codes)
+        if reduce:  # the AuxK loss rides along
+            d.all_reduce_many_([*grads.values(), aux])
+        for name, g in grads.items():
+            getattr(sae, name).grad = g
+        self._apply(step)
+        sse, n_active, aux = float(counts[0]), float(counts[1]), float(aux)
+        return StepStats(sse / float(total_var) + c.auxk_alpha * aux, sse / B, 1 - sse / float(total_var),
+                         n_active / B, aux, dead_frac)
+
+    def _add_aux_grads(self, grads: dict[str, torch.Tensor], x: torch.Tensor, pre: torch.Tensor, e: torch.Tensor,
+                       dead: torch.Tensor, total_var: torch.Tensor, compact_reduce: bool) -> torch.Tensor:
+        """Add the gradients of ``auxk_alpha * AuxK`` on this rank's rows (``x``, ``pre``, residual
+        ``e``) to ``grads``; with ``compact_reduce``, first sum them over the ranks in one all-reduce
+        of the entries they can touch (the dead latents' encoder columns, biases and decoder rows,
+        and ``b_dec``). Returns the AuxK loss (the whole batch's after ``compact_reduce``)."""
+        sae = self.sae
+        with torch.enable_grad():
+            aux = auxk_loss(x, sae, pre, e, dead, self.cfg.d_in // 2, total_var)
+            g_we, g_be, g_bd, g_wd = torch.autograd.grad(self.cfg.auxk_alpha * aux,
+                                                         [sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec])
+        if not compact_reduce:
+            for name, g in zip(("W_enc", "b_enc", "b_dec", "W_dec"), (g_we, g_be, g_bd, g_wd)):
+                grads[name] += g
+            return aux.detach()
+        cols = dead.nonzero().squeeze(1)
+        D, n = self.cfg.d_in, cols.numel()
+        buf = self.dist.all_reduce_(torch.cat([g_we.index_select(1, cols).reshape(-1), g_be[cols], g_bd,
+                                               g_wd.index_select(0, cols).reshape(-1), aux.detach().reshape(1)]))
+        g_we, g_be, g_bd, g_wd, aux = buf.split([D * n, n, D, n * D, 1])
+        grads["W_enc"].index_add_(1, cols, g_we.view(D, n))
+        grads["b_enc"].index_add_(0, cols, g_be)
+        grads["b_dec"] += g_bd
+        grads["W_dec"].index_add_(0, cols, g_wd.view(n, D))
+        return aux.squeeze(0)
+
+
+def _bits(idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Latent ids ``(B, k)`` as a tensor of ``dtype`` holding their bits (to travel with floats)."""
+    return idx.to(_SAME_SIZE_INT[dtype]).view(dtype)
+
+
+def _unbits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.contiguous().view(_SAME_SIZE_INT[bits.dtype]).long()
+
+
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 class ReLUL1Trainer(SAETrainer):
@@ -287,6 +389,7 @@ class ReLUL1Trainer(SAETrainer):
 
     def update(self, step: int, x: torch.Tensor, sync_stats: bool = True) -> StepStats:
         sae, c = self.sae, self.cfg
+        x = self.dist.share(x)  # data parallel: this rank's rows, gradients all-reduced in _step
         f = torch.relu(sae.pre_acts(x))  # (B, F)
         x_hat = sae.decode(f)  # (B, D)
         e = x_hat - x
@@ -320,8 +423,13 @@ class ReLUL1Trainer(SAETrainer):
         self.l1_coeff = scalars.get("l1_coeff", self.l1_coeff)
 
 
-def make_trainer(cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None) -> SAETrainer:
-    return (TopKTrainer if cfg.architecture == "topk" else ReLUL1Trainer)(cfg, sae, dist)
+def make_trainer(cfg: TrainerConfig, sae: SparseAutoencoder | None = None, dist: Dist | None = None,
+                 exchange: str = "auto") -> SAETrainer:
+    """The trainer of ``cfg.architecture``; ``exchange``: what TopK ranks exchange (see
+    :class:`TopKTrainer`; ReLU ranks always all-reduce gradients)."""
+    if cfg.architecture == "topk":
+        return TopKTrainer(cfg, sae, dist, exchange=exchange)
+    return ReLUL1Trainer(cfg, sae, dist)
 
 
 __all__ = ["TrainerConfig", "StepStats", "SAETrainer", "TopKTrainer", "ReLUL1Trainer", "make_trainer",
