@@ -345,7 +345,7 @@ class TopKTrainer(SAETrainer):
             for name, g in zip(("W_enc", "b_enc", "b_dec", "W_dec"), (g_we, g_be, g_bd, g_wd)):
                 grads[name] += g
             return aux.detach()
-        cols = dead.nonzero().squeeze(1)
+        cols = dead.nonzero().squeeze(1)  # only these latents' weights (and b_dec) get AuxK gradients
         D, n = self.cfg.d_in, cols.numel()
         buf = self.dist.all_reduce_(torch.cat([g_we.index_select(1, cols).reshape(-1), g_be[cols], g_bd,
                                                g_wd.index_select(0, cols).reshape(-1), aux.detach().reshape(1)]))
