@@ -174,3 +174,16 @@ def test_config_validation():
     with pytest.raises(ValueError, match="total_steps"):
         T.train_sae(torch.randn(100, 4), TrainerConfig(d_in=4, d_sae=8, total_steps=3, k=2),
                     T.TrainConfig(batch_size=10, total_tokens=100, progress=False))
+
+
+def test_topk_exchange_choice_and_validation():
+    """``auto`` all-gathers codes for small batches, all-reduces gradients for large ones."""
+    cfg = TrainerConfig(d_in=8, d_sae=64, k=4, total_steps=1)
+    t = make_trainer(cfg)
+    assert t.exchange_for(trainers.CODES_MAX_ROWS_PER_LATENT * 64 // 4) == "codes"
+    assert t.exchange_for(trainers.CODES_MAX_ROWS_PER_LATENT * 64 // 4 + 1) == "grads"
+    assert make_trainer(cfg, exchange="grads").exchange_for(1) == "grads"
+    with pytest.raises(ValueError, match="exchange='nccl'"):
+        make_trainer(cfg, exchange="nccl")
+    with pytest.raises(ValueError, match="TrainConfig.exchange"):
+        T.TrainConfig(exchange="both")

@@ -22,7 +22,7 @@ step, which therefore run identically on every rank; the statistics the step dep
 mean and variance, which latents fired, the p-annealing rescale) are reduced too, so no rank
 drifts. :class:`TopKTrainer` splits the encoder GEMM and the top-k over the ranks and then either
 all-gathers the codes (every rank computes the whole batch's sparse gradients) or all-reduces the
-gradients, whichever moves less for the batch (see its docstring).
+gradients, whichever costs less at the batch size (see its docstring).
 """
 
 from __future__ import annotations
@@ -249,8 +249,9 @@ class SAETrainer:
 EXCHANGES = ("auto", "codes", "grads")
 CODES_MAX_ROWS_PER_LATENT = 32
 """``exchange="auto"`` all-gathers codes while ``batch_size * k <= 32 * d_sae`` and all-reduces
-gradients above (measured on 2 CPU processes, gloo, 576 x 2048, k 32: codes 1.10-1.19x vs
-gradients 1.00x at batch 1,024; gradients 1.60x vs codes 1.44x at 4,096; BENCHMARKS.md, issue #14)."""
+gradients above (measured on 2 CPU processes, gloo, 576 x 2048, k 32, speed-up over one process:
+codes 1.27-1.29x vs gradients 1.01-1.02x at batch 1,024; gradients 1.79x vs codes 1.22x at 4,096;
+BENCHMARKS.md, issue #14). Unmeasured on GPUs."""
 
 
 class TopKTrainer(SAETrainer):
