@@ -187,3 +187,44 @@ def test_topk_exchange_choice_and_validation():
         make_trainer(cfg, exchange="nccl")
     with pytest.raises(ValueError, match="TrainConfig.exchange"):
         T.TrainConfig(exchange="both")
+
+
+@pytest.mark.parametrize("n_dead", [0, 5])
+def test_topk_trainer_step_gradients_match_autograd_of_the_dense_loss(n_dead, monkeypatch):
+    """The gradients TopKTrainer writes out (main term, and AuxK when latents are dead) equal
+    autograd's on the whole-width dense formulation of the same loss."""
+    g = torch.Generator().manual_seed(3)
+    B, D, F_, k = 24, 8, 32, 4
+    cfg = TrainerConfig(d_in=D, d_sae=F_, k=k, total_steps=10, dead_tokens=1000)
+    t = make_trainer(cfg)
+    t.sae.double()
+    with torch.no_grad():
+        for p in t.sae.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.double, generator=g))
+    x = torch.randn(B, D, dtype=torch.double, generator=g)
+    dead = torch.zeros(F_, dtype=torch.bool)
+    dead[torch.randperm(F_, generator=g)[:n_dead]] = True
+    t.tokens_since_fired[dead] = 10**9
+    sae = t.sae
+    params = [sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec]
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(k)
+    fired = torch.zeros(F_, dtype=torch.bool)
+    fired[i[v > 0]] = True
+    still_dead = dead & ~fired  # the step resets latents that fire in its batch
+    x_hat = (v.clamp_min(0).unsqueeze(-1) * sae.W_dec[i]).sum(1) + sae.b_dec
+    tv = (x - x.mean(0)).pow(2).sum()
+    loss = (x_hat - x).pow(2).sum() / tv
+    if still_dead.any():
+        k_aux, nd = D // 2, int(still_dead.sum())
+        va, ia = pre.masked_fill(~still_dead, -torch.inf).topk(min(k_aux, nd), dim=-1)
+        e_hat = (va.clamp_min(0).unsqueeze(-1) * sae.W_dec[ia]).sum(1)
+        loss = loss + cfg.auxk_alpha * min(nd / k_aux, 1.0) * (e_hat + (x_hat - x).detach()).pow(2).sum() / tv
+    ref = torch.autograd.grad(loss, params)
+    seen = {}
+    monkeypatch.setattr(t, "_apply", lambda step: seen.update({n: getattr(sae, n).grad.clone() for n in
+                                                               ("W_enc", "b_enc", "b_dec", "W_dec")}))
+    stats = t.update(0, x)
+    assert bool(still_dead.any()) == (n_dead > 0) and (stats.aux > 0) == (n_dead > 0)
+    for name, r in zip(("W_enc", "b_enc", "b_dec", "W_dec"), ref):
+        torch.testing.assert_close(seen[name], r, msg=name)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from steerplug._config import require_ints
 from steerplug.distributed import SINGLE, Dist
-from steerplug.pipeline.topk_kernels import auxk_loss, gathered_dot, latent_outer, sparse_decode
+from steerplug.pipeline.topk_kernels import _encoder_grads, auxk_loss, gathered_dot, latent_outer, sparse_decode
 from steerplug.sae import SparseAutoencoder
 
 
@@ -304,10 +304,9 @@ class TopKTrainer(SAETrainer):
             e = F.embedding_bag(idx, sae.W_dec, per_sample_weights=acts, mode="sum") + sae.b_dec - rows  # (n, D)
             g_out = e * (2 / total_var)  # d loss / d x_hat
             g_pre = gathered_dot(idx, g_out, sae.W_dec) * (vals > 0)  # (n, k) d loss / d pre at the top k
-            g_enc = torch.zeros(c.d_sae, dtype=x.dtype, device=x.device).index_add_(0, idx.reshape(-1),
-                                                                                  g_pre.reshape(-1))
-            grads = {"W_dec": latent_outer(idx, acts, g_out, c.d_sae),  # B k D sparse products
-                     "W_enc": latent_outer(idx, g_pre, rows - sae.b_dec, c.d_sae).T.contiguous(),  # fused Adam needs it so
+            g_we, g_enc = _encoder_grads(rows - sae.b_dec, sae.W_enc, idx, g_pre, True)  # B k D sparse products
+            grads = {"W_dec": latent_outer(idx, acts, g_out, c.d_sae),
+                     "W_enc": g_we.contiguous(),  # fused Adam misreads a transposed gradient
                      "b_enc": g_enc,
                      "b_dec": g_out.sum(0) - sae.W_enc @ g_enc}
             fired = torch.zeros(c.d_sae, dtype=torch.bool, device=x.device)
