@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -119,3 +120,65 @@ def test_collect_config_validation():
         C.CollectConfig(dtype="int8")
     with pytest.raises(ValueError, match="hooks"):
         C.CollectConfig(hooks=[])
+
+
+def _write_docs(path, n: int = 40) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "text": f"Document {i}.\n" + " ".join(f"w{i}_{j}" for j in range(12))}) + "\n")
+
+
+def test_text_dataset_chunks_are_long_packed_and_read_lazily(tmp_path):
+    from steerplug.pipeline.examples import TextDataset, text_examples
+
+    tok = make_byte_tokenizer()
+    _write_docs(tmp_path / "data" / "docs.jsonl")
+    pulled: list[str] = []
+    docs = (pulled.append(d) or d for d in TextDataset(str(tmp_path / "data" / "docs.jsonl")).documents())
+    exs = text_examples(docs, tok, 150, limit=3, source="dataset:x")
+    assert len(exs) == 3 and all(len(tok(e.text, add_special_tokens=False)["input_ids"]) >= 150 for e in exs)
+    joined = "\n".join(e.text for e in exs)  # the documents, in order, packed across chunk borders
+    assert joined.startswith("Document 0.\nw0_0 w0_1") and "Document 1.\nw1_0" in joined
+    assert exs[0].labels == {"source": "dataset:x"}
+    assert 3 < len(pulled) < 40  # it stopped reading once it had 3 chunks
+    # a folder of data files reads the same records as the file
+    folder = list(TextDataset(str(tmp_path / "data")).documents())
+    assert folder == list(TextDataset(str(tmp_path / "data" / "docs.jsonl")).documents()) and len(folder) == 40
+    with pytest.raises(ValueError, match=r"no column 'body'.*\['id', 'text'\].*--text-column"):
+        next(TextDataset(str(tmp_path / "data"), column="body").documents())
+    (tmp_path / "notes.xml").write_text("<a/>")
+    with pytest.raises(ValueError, match=r"'\.xml'"):
+        next(TextDataset(str(tmp_path / "notes.xml")).documents())
+    with pytest.raises(ValueError, match="at least one chunk"):
+        TextDataset("x", chunks=0)
+
+
+def test_collect_cli_reads_a_hub_dataset_from_the_local_cache(tmp_path, monkeypatch, capsys):
+    """``--text-dataset org/name`` offline: the dataset repo's files in the Hugging Face cache."""
+    import huggingface_hub.constants
+
+    from steerplug.cli import main
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--org--tiny-text"
+    _write_docs(repo / "snapshots" / sha / "data" / "train.jsonl")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    model, tok = make_tiny_model("llama"), make_byte_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    args = ["collect", "--model", str(tmp_path / "model"), "--hooks", "blocks.1.hook_resid_post", "--prompt-sets",
+            "--text-chunks", "2", "--chunk-tokens", "120", "--max-length", "400"]
+    assert main([*args, "--out", str(tmp_path / "acts"), "--text-dataset", "org/tiny-text"]) == 0
+    man = json.loads((tmp_path / "acts" / C.MANIFEST_NAME).read_text())
+    assert [s["source"] for s in man["sequences"]] == ["dataset:org/tiny-text"] * 2
+    a = C.load_activations(tmp_path / "acts", skip_first=False)
+    lengths = torch.bincount(a.seq_ids)
+    assert len(lengths) == 2 and (lengths >= 120).all(), lengths
+    assert tok.decode(a.token_ids[a.seq_ids == 0][:11]) == "Document 0."
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "acts2"), "--text-dataset", "org/absent"]) != 0
+    assert re.search(r"'org/absent'.*not in the local Hugging Face cache.*hf download", capsys.readouterr().err)

@@ -41,7 +41,7 @@ from steerplug._config import require_ints
 from steerplug.distributed import Dist, setup
 from steerplug.layers import HookPoint, hidden_of, resolve_hook_point
 from steerplug.pipeline.examples import (  # noqa: F401 (build_examples: re-exported)
-    Example, _write_json_atomic, build_examples, tokenize_example)
+    Example, TextDataset, _write_json_atomic, build_examples, tokenize_example)
 
 MANIFEST_NAME = "manifest.json"
 EXAMPLES_NAME = "examples.json"
@@ -343,8 +343,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hh-rlhf-text", type=int, default=0,
                    help="number of HH-RLHF dialogues as plain text (no chat template)")
     p.add_argument("--wikitext-chunks", type=int, default=0, help="chunks of WikiText-2 test's training part (the evaluation part is never collected)")
+    p.add_argument("--text-dataset", default=None,
+                   help="generic text in --chunk-tokens chunks from a Hugging Face dataset (streamed): a Hub id, "
+                        "e.g. HuggingFaceFW/fineweb-edu, a local folder of data files, or one .txt/.jsonl/.parquet/.csv file")
+    p.add_argument("--text-dataset-config", default=None, help="the --text-dataset's config (subset) name")
+    p.add_argument("--text-split", default="train", help="the --text-dataset's split")
+    p.add_argument("--text-column", default="text", help="the --text-dataset's column holding the text")
+    p.add_argument("--text-chunks", type=int, default=1000, help="how many chunks of --text-dataset to collect")
     p.add_argument("--chunk-tokens", type=int, default=128,
-                   help="about this many tokens per WikiText chunk (split on paragraphs; cut at --max-length)")
+                   help="about this many tokens per WikiText / --text-dataset chunk (split on paragraphs; "
+                        "cut at --max-length)")
     p.add_argument("--no-generate", action="store_true", help="prompts only, no generated answers")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-length", type=int, default=256)
@@ -369,6 +377,9 @@ def run(args: argparse.Namespace) -> int:
     examples = build_examples(model, tok, prompt_sets=args.prompt_sets, hh_rlhf=args.hh_rlhf,
                               hh_rlhf_text=args.hh_rlhf_text,
                               wikitext_chunks=args.wikitext_chunks, chunk_tokens=args.chunk_tokens,
+                              text_dataset=TextDataset(args.text_dataset, args.text_chunks, args.text_split,
+                                                       args.text_column, args.text_dataset_config)
+                              if args.text_dataset else None,
                               limit_per_set=args.limit_per_set,
                               generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                               seed=args.seed, data=args.data_dir, cache=out / EXAMPLES_NAME, dist=dist)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -97,10 +97,14 @@ def hh_rlhf_examples(dialogues: list[dict[str, str]], key: str = "chosen") -> li
     return out
 
 
-def text_examples(text: str, tokenizer: Any, chunk_tokens: int, limit: int | None = None,
+def text_examples(text: str | Iterable[str], tokenizer: Any, chunk_tokens: int, limit: int | None = None,
                   source: str = "text") -> list[Example]:
-    """Plain-text chunks of about ``chunk_tokens`` tokens (split on paragraph boundaries)."""
-    paragraphs = [p.strip() for p in text.split("\n") if p.strip() and not p.strip().startswith("=")]
+    """Plain-text chunks of about ``chunk_tokens`` tokens, cut at paragraph (line) boundaries;
+    ``text`` is one text or an iterable of documents (packed one after another, so a chunk can
+    span several short documents; read lazily, so a streamed dataset is read only as far as
+    ``limit`` chunks need). Lines starting with ``=`` (WikiText's headings) are left out."""
+    docs = [text] if isinstance(text, str) else text
+    paragraphs = (p.strip() for doc in docs for p in doc.split("\n") if p.strip() and not p.strip().startswith("="))
     out, buf, n = [], [], 0
     for p in paragraphs:
         buf.append(p)
@@ -111,6 +115,71 @@ def text_examples(text: str, tokenizer: Any, chunk_tokens: int, limit: int | Non
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Generic text for long-context collection: a Hugging Face dataset, streamed (so only the
+    documents that ``chunks`` chunks need are read). ``path``: a Hub id (``HuggingFaceFW/fineweb-edu``;
+    offline, from the local Hugging Face cache like any Hub dataset), a local folder of data files,
+    or one ``.txt`` / ``.json(l)`` / ``.parquet`` / ``.csv`` file. ``name``: the dataset's config."""
+
+    path: str
+    chunks: int = 1000
+    split: str = "train"
+    column: str = "text"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunks < 1:
+            raise ValueError(f"TextDataset.chunks={self.chunks}: ask for at least one chunk.")
+
+    def documents(self) -> Iterator[str]:
+        """The ``column`` of each record, in the dataset's order."""
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError("Reading a text dataset needs the `datasets` package: "
+                              "pip install 'steerplug[train]' (or pip install datasets).") from err
+
+        local = Path(self.path)
+        if local.is_file():
+            builder = TEXT_FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(f"{local}: cannot read {local.suffix!r} files as text; use one of "
+                                 f"{sorted(TEXT_FILE_BUILDERS)}, a folder of them, or a Hub dataset id.")
+            ds = datasets.load_dataset(builder, data_files=str(local), split=self.split, streaming=True)
+        else:
+            try:
+                ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=True)
+            except ConnectionError as err:  # offline or unreachable: the repo's files in the local cache
+                ds = datasets.load_dataset(_cached_dataset_snapshot(self.path, err), self.name, split=self.split,
+                                           streaming=True)
+        for i, record in enumerate(ds):
+            if self.column not in record:
+                raise ValueError(f"{self.path} (split {self.split!r}) has no column {self.column!r}: its records have "
+                                 f"{sorted(record)}. Name the text column with --text-column.")
+            text = record[self.column]
+            if not isinstance(text, str):
+                raise ValueError(f"{self.path}: record {i}'s {self.column!r} is a {type(text).__name__}, not text.")
+            yield text
+
+
+def _cached_dataset_snapshot(repo_id: str, err: Exception) -> str:
+    """The local folder of Hub dataset ``repo_id``'s files in the Hugging Face cache (``datasets``
+    itself reads only its own processed cache offline, not the Hub cache ``hf download`` fills)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise ConnectionError(f"Dataset {repo_id!r} is not reachable ({err}) and not in the local Hugging Face cache: "
+                              f"connect once, or `hf download {repo_id} --repo-type dataset`, or pass a local "
+                              "file or folder.") from err
 
 
 @torch.no_grad()
@@ -163,13 +232,16 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 # --- building the example list (shared with the CLI and the artifacts builder) ------------------
 def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), hh_rlhf: int = 0,
-                   hh_rlhf_text: int = 0, wikitext_chunks: int = 0, chunk_tokens: int = 128, limit_per_set: int | None = None,
+                   hh_rlhf_text: int = 0, wikitext_chunks: int = 0, chunk_tokens: int = 128,
+                   text_dataset: TextDataset | None = None, limit_per_set: int | None = None,
                    generate: bool = True, max_new_tokens: int = 48, gen_batch_size: int = 16,
                    seed: int = 0, data: str | None = None, cache: str | Path | None = None,
                    progress: bool = True, dist: Dist | None = None) -> list[Example]:
     """Examples from named prompt sets (answers generated greedily), HH-RLHF dialogues (answers
     given; ``hh_rlhf_text`` more of them as plain "Human: / Assistant:" text without the chat
-    template, sampled independently with ``seed + 1``) and chunks of WikiText-2 test's training part (disjoint from the articles ``evaluate-sae`` scores). ``limit_per_set`` samples each prompt set with
+    template, sampled independently with ``seed + 1``), chunks of WikiText-2 test's training part
+    (disjoint from the articles ``evaluate-sae`` scores) and the first ``text_dataset.chunks`` chunks
+    of a text dataset (both ``chunk_tokens`` long). ``limit_per_set`` samples each prompt set with
     ``seed``. With ``cache`` (a JSON path) the list, with its generated answers, is reused.
     Under several ranks (``dist``) the generation batches are shared out and every rank returns
     the whole list; rank 0 writes the cache."""
@@ -204,6 +276,9 @@ def build_examples(model: Any, tokenizer: Any, *, prompt_sets: list[str] = (), h
         # Only the training part: the evaluation part stays held out (steerplug.data.wikitext_test).
         examples += text_examples(D.wikitext_test(data, part="train"), tokenizer, chunk_tokens,
                                   limit=wikitext_chunks, source="wikitext2_test_train_part")
+    if text_dataset is not None:
+        examples += text_examples(text_dataset.documents(), tokenizer, chunk_tokens, limit=text_dataset.chunks,
+                                  source=f"dataset:{text_dataset.path}")
     if cache is not None and dist.is_main:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(Path(cache), [asdict(e) for e in examples])
