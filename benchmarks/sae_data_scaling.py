@@ -36,6 +36,15 @@ from steerplug.pipeline.trainers import TrainerConfig  # noqa: E402
 from steerplug.sae import SparseAutoencoder  # noqa: E402
 
 
+def score(model, tok, hook_point, sae: SparseAutoencoder, eval_seqs) -> dict:
+    """FVE, L0, dead latents (on these tokens) and CE loss recovered of ``sae`` spliced in at
+    ``hook_point``, over the evaluation sequences ``eval_seqs``."""
+    ce, acts, pos = ce_and_activations(model, sae, hook_point, eval_seqs, 2, tok.pad_token_id or 0, False)
+    stats, _ = detailed_stats(sae, acts, pos)
+    return {"eval_fve": stats["fve"], "eval_l0": stats["l0"], "eval_dead_fraction": stats["dead_fraction"],
+            "ce_recovered": ce.ce_recovered, "eval_tokens": stats["n_tokens"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--acts", default="runs/acts-w1024")
@@ -71,12 +80,8 @@ def main() -> None:
                 train_sae(x, tc, loop, out, hook_name=args.hook)
             sae = SparseAutoencoder.from_pretrained(out)
             last = json.loads((out / "training_log.json").read_text())[-1]
-            ce, acts, pos = ce_and_activations(model, sae, hp, eval_seqs, 2, tok.pad_token_id or 0, False)
-            stats, _ = detailed_stats(sae, acts, pos)
             row = {"d_sae": d_sae, "fraction": frac, "train_tokens_available": int(x.shape[0]),
-                   "train_batch_fve": last["fve"], "eval_fve": stats["fve"], "eval_l0": stats["l0"],
-                   "eval_dead_fraction": stats["dead_fraction"], "ce_recovered": ce.ce_recovered,
-                   "eval_tokens": stats["n_tokens"]}
+                   "train_batch_fve": last["fve"], **score(model, tok, hp, sae, eval_seqs)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
