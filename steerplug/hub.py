@@ -83,12 +83,12 @@ def is_repo_id(ref: str) -> bool:
 def resolve_folder(repo_or_path: str | os.PathLike, subfolder: str | None = None,
                    revision: str | None = None, *, local_files_only: bool | None = None,
                    cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                   allow_patterns: list[str] | None = None) -> Path:
+                   allow_patterns: list[str] | None = None, repo_type: str = "model") -> Path:
     """Return a local folder for ``repo_or_path[/subfolder]``: a local folder first, then the
     Hugging Face cache, then the Hub (only the files under ``subfolder`` are fetched).
 
-    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Errors name what was missing and how to
-    get it.
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. ``repo_type``: ``model`` or ``dataset``.
+    Errors name what was missing and how to get it.
     """
     ref = str(repo_or_path)
     local = Path(ref).expanduser()
@@ -115,7 +115,7 @@ def resolve_folder(repo_or_path: str | os.PathLike, subfolder: str | None = None
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     patterns = allow_patterns or ([f"{subfolder.strip('/')}/*"] if subfolder else None)
     try:
-        snap = Path(snapshot_download(ref, revision=revision, allow_patterns=patterns,
+        snap = Path(snapshot_download(ref, revision=revision, allow_patterns=patterns, repo_type=repo_type,
                                       cache_dir=cache_dir, local_files_only=local_files_only,
                                       token=token))
     except LocalEntryNotFoundError as e:
@@ -123,7 +123,8 @@ def resolve_folder(repo_or_path: str | os.PathLike, subfolder: str | None = None
             f"{ref!r} (revision {revision or 'main'}) is not in the Hugging Face cache"
             f"{' at ' + str(cache_dir) if cache_dir else ''} and the Hub was not asked "
             "(offline: HF_HUB_OFFLINE=1 or local_files_only=True, or no network). Download it once "
-            f"on a connected machine (`hf download {ref}`) or pass a local folder."
+            f"on a connected machine (`hf download {ref}"
+            f"{'' if repo_type == 'model' else ' --repo-type ' + repo_type}`) or pass a local folder."
         ) from e
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise ArtifactNotFoundError(f"Hub repo {ref!r} (revision {revision or 'main'}): {e}") from e

@@ -171,12 +171,11 @@ class TextDataset:
 def _cached_dataset_snapshot(repo_id: str, err: Exception) -> str:
     """The local folder of Hub dataset ``repo_id``'s files in the Hugging Face cache (``datasets``
     itself reads only its own processed cache offline, not the Hub cache ``hf download`` fills)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from steerplug.hub import ArtifactNotFoundError, resolve_folder
 
     try:
-        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
-    except LocalEntryNotFoundError:
+        return str(resolve_folder(repo_id, local_files_only=True, repo_type="dataset"))
+    except ArtifactNotFoundError:
         raise ConnectionError(f"Dataset {repo_id!r} is not reachable ({err}) and not in the local Hugging Face cache: "
                               f"connect once, or `hf download {repo_id} --repo-type dataset`, or pass a local "
                               "file or folder.") from err
