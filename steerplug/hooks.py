@@ -152,6 +152,25 @@ def _select(state: CallState, config: SteeringConfig, batch: int, seq: int,
 
 def _select_positions(state: CallState, config: SteeringConfig, batch: int, seq: int,
                       device: torch.device) -> torch.Tensor | None:
+    """``positions``' span (:func:`_select_span`), cut by ``answer_tokens``: only absolute columns
+    ``< gen_start + answer_tokens`` stay, i.e. those predicting answer tokens ``1 .. answer_tokens``
+    (``gen_start`` predicts token 1) and, for ``positions="all"``, the prompt before them."""
+    sel = _select_span(state, config, batch, seq, device)
+    n, start = config.answer_tokens, state.gen_start
+    if n is None or start is None or config.positions == "prompt":
+        return sel
+    if isinstance(start, int) and state.past_len >= start + n:
+        return torch.zeros(batch, seq, dtype=torch.bool, device=device)  # past the steered span
+    if isinstance(start, int) and state.past_len + seq <= start + n:
+        return sel  # wholly inside it (a decode step early in the answer): keep the lean path
+    cols = torch.arange(state.past_len, state.past_len + seq, device=device)  # (T,)
+    early = (cols < torch.as_tensor(start, device=device).reshape(-1, 1) + n).expand(batch, seq)
+    return early if sel is None else sel & early
+
+
+def _select_span(state: CallState, config: SteeringConfig, batch: int, seq: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """``(B, T)`` bool mask (or None: all) of the positions ``config.positions`` names."""
     past = state.past_len
     mask = state.attention_mask
     if config.positions == "generated":

@@ -22,7 +22,8 @@ Python::
 Model arguments: ``pretrained`` (default: steerplug's offline SmolLM2-135M-Instruct), ``sae``,
 ``sae_subfolder``, ``vector``, ``vector_subfolder`` (default: steerplug's artifacts for the default
 model, nothing for any other), ``layer``, and the :class:`~steerplug.steering.SteeringConfig`
-fields ``steps``, ``lr``, ``positions``, ``normalize``, ``max_delta``. Baselines and gating
+fields ``steps``, ``lr``, ``positions``, ``normalize``, ``max_delta``, ``answer_tokens``
+(``none``: the whole answer). Baselines and gating
 (:mod:`steerplug.interventions`): ``intervention=gradient|add|clamp``, ``add_vector`` (a
 ``.safetensors`` file holding ``vector``), ``add_scale``, ``clamp_value``, ``gate_threshold``.
 Every other argument goes to lm-eval's ``HFLM`` unchanged (``batch_size``, ``device``, ``dtype``,
@@ -41,6 +42,12 @@ request's input tokens); a batch this index does not know (``batch_size=auto`` p
 at every position. When lm-eval's logits cache merges requests sharing ``context + continuation[:-1]``
 the longest continuation decides the steered span. ``positions="prompt"`` steers the context only,
 ``"all"`` every position.
+
+``answer_tokens=N`` treats the continuation as the answer: only the positions predicting its first
+``N`` tokens are steered (the last context token and the first ``N - 1`` continuation tokens;
+with ``positions="all"`` also the context before them), as ``generate`` steers its first ``N``
+new tokens. In ``generate_until`` the answer is the generated text, as in
+:meth:`~steerplug.SteeredModel.generate`.
 
 Caching: lm-eval's ``--use_cache`` keys on requests, not on model arguments. ``steerplug-eval``
 appends a hash of the model arguments to the ``--use_cache`` path, so results are reused only
@@ -85,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "steerplug"  # lm-eval already owns "steered"
 STEERING_ARGS = ("sae", "sae_subfolder", "vector", "vector_subfolder", "gate", "layer", "steps", "lr",
-                 "positions", "normalize", "max_delta", "method", "use_gate", "intervention", "add_vector", "add_scale",
+                 "positions", "normalize", "max_delta", "answer_tokens", "method", "use_gate", "intervention", "add_vector", "add_scale",
                  "clamp_value", "gate_threshold")
 
 
@@ -97,6 +104,17 @@ def _bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def _int_or_none(name: str, value: Any) -> int | None:
+    """A model argument that is an integer or none (``"3"`` from the command line is 3)."""
+    value = _none(value)
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1, or none.") from None
 
 
 def _default_pretrained() -> str:
@@ -125,6 +143,7 @@ class SteerplugLM(HFLM):
                  vector: Any = "default", vector_subfolder: str | None = None, gate: Any = "default",
                  layer: int | str | None = None, steps: int | None = None, lr: float | None = None,
                  positions: str | None = None, normalize: Any = None, max_delta: Any = "default",
+                 answer_tokens: Any = "default",
                  method: str | None = None, use_gate: Any = None,
                  intervention: str = "gradient", add_vector: Any = None, add_scale: float = 1.0,
                  clamp_value: float | None = None, gate_threshold: float | None = None,
@@ -168,8 +187,10 @@ class SteerplugLM(HFLM):
                  "use_gate": None if use_gate is None else _bool(use_gate)}
         if max_delta != "default":
             given["max_delta"] = None if _none(max_delta) is None else float(max_delta)
-        self.steering_config = SteeringConfig(**{**own.get("steering", {}),
-                                                 **{k: v for k, v in given.items() if v is not None or k == "max_delta"}})
+        if answer_tokens != "default":
+            given["answer_tokens"] = _int_or_none("answer_tokens", answer_tokens)
+        self.steering_config = SteeringConfig(**{**own.get("steering", {}), **{
+            k: v for k, v in given.items() if v is not None or k in ("max_delta", "answer_tokens")}})
         self.default_steering = self.steering_config
         """The configuration this model was built with (the bundle's, with any arguments given)."""
         self.intervention = Intervention(

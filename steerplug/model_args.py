@@ -20,9 +20,25 @@ def add_steered_model_arguments(p: argparse.ArgumentParser, *, what: str = "") -
     p.add_argument("--steps", type=int, default=None, help=f"{what}steering steps per token")
     p.add_argument("--lr", type=float, default=None, help=f"{what}steering strength (step size)")
     p.add_argument("--positions", choices=POSITIONS, default=None, help=f"{what}positions to steer")
+    p.add_argument("--answer-tokens", type=_answer_tokens, default=None, metavar="N",
+                   help=f"{what}steer only the positions predicting the first N answer tokens "
+                        "(default: the whole answer)")
     p.add_argument("--method", choices=METHODS, default=None,
                    help=f"{what}steering method (default: the bundle's, e.g. add)")
     p.add_argument("--no-gate", action="store_true", help="steer every prompt, not only those the gate fires on")
+
+
+def _answer_tokens(text: str) -> int:
+    """``--answer-tokens``: an integer >= 1, refused at parse time by SteeringConfig's own rule."""
+    from steerplug.steering import SteeringValueError, check_steering
+
+    try:
+        value = int(text)
+        check_steering("--answer-tokens", answer_tokens=value)
+    except (ValueError, SteeringValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1 (omit the flag to steer "
+                                         "the whole answer)") from None
+    return value
 
 
 def steered_model_from_args(args: argparse.Namespace):
@@ -30,7 +46,8 @@ def steered_model_from_args(args: argparse.Namespace):
     from steerplug import SteeredModel
 
     steering = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("positions", args.positions),
-                                  ("method", getattr(args, "method", None))) if v is not None}
+                                  ("method", getattr(args, "method", None)),
+                                  ("answer_tokens", getattr(args, "answer_tokens", None))) if v is not None}
     if getattr(args, "no_gate", False):
         steering["use_gate"] = False
     return SteeredModel.from_pretrained(

@@ -117,6 +117,9 @@ class SteeringOptions(BaseModel):
     """Alias of ``lr`` (SteeringConfig.lr)."""
     lr: float | None = Field(default=None, allow_inf_nan=False)
     positions: str | None = None
+    answer_tokens: int | None = None
+    """Steer only the positions predicting the first N answer tokens (SteeringConfig.answer_tokens).
+    Missing: the served model's value; an explicit ``null``: the whole answer."""
 
 
 class _Common(BaseModel):
@@ -185,8 +188,9 @@ class RequestHandler:
         steps = base.steps if opts.steps is None else opts.steps
         lr = next((v for v in (opts.strength, opts.lr) if v is not None), base.lr)
         positions = base.positions if opts.positions is None else opts.positions
+        answer_tokens = opts.answer_tokens if "answer_tokens" in opts.model_fields_set else base.answer_tokens
         try:  # SteeringConfig's own rules; the server's limits come after
-            check_steering("steering", steps=steps, lr=lr, positions=positions)
+            check_steering("steering", steps=steps, lr=lr, positions=positions, answer_tokens=answer_tokens)
         except SteeringValueError as exc:
             name = "strength" if exc.field == "lr" else exc.field
             raise APIError(400, str(exc), param=f"steering.{name}") from None
@@ -199,7 +203,7 @@ class RequestHandler:
         if not enabled:
             steps, lr = 0, 0.0
         return {"enabled": enabled and steps > 0 and lr > 0, "steps": steps, "strength": lr,
-                "positions": positions}
+                "positions": positions, "answer_tokens": answer_tokens}
 
     def prompts(self, body: _Common, chat: bool) -> list[list[int]]:
         if chat:
@@ -281,7 +285,8 @@ class RequestHandler:
                     reqs.append(GenerationRequest(
                         ids, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                         seed=None if body.seed is None else body.seed + j, stop=tuple(stop),
-                        steps=steering["steps"], lr=steering["strength"], positions=steering["positions"]))
+                        steps=steering["steps"], lr=steering["strength"], positions=steering["positions"],
+                        answer_tokens=steering["answer_tokens"]))
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         return reqs, steering

@@ -69,6 +69,18 @@ class SteeringConfig:
     use_gate: bool = True
     """Steer only the rows the :class:`~steerplug.SteeredModel`'s gate fires on, if it has one;
     False steers every row."""
+    answer_tokens: int | None = None
+    """Steer only the positions that predict the first ``answer_tokens`` tokens of the answer, then
+    stop: steering sets the answer's course and lets the model write on unsteered. None: the whole
+    answer.
+
+    The position that predicts answer token 1 is the last prompt position; answer token ``k + 1``
+    is predicted by the position of generated token ``k``. So with a prompt of ``P`` tokens,
+    ``answer_tokens=N`` keeps positions ``P - 1 .. P + N - 2`` (the last prompt position and the
+    first ``N - 1`` generated ones) of what ``positions`` selects: with ``"generated"`` exactly
+    those ``N`` positions, with ``"all"`` the whole prompt and the first ``N - 1`` generated
+    positions. With ``"prompt"`` it changes nothing (the prompt ends at the position predicting
+    answer token 1). For lm-eval loglikelihoods the answer is the continuation."""
     push_inactive: bool = False
     """Also push up the safe features (``w < 0``) that are off. Their exact gradient is zero, so by
     default steering can only strengthen a safe feature that already fires; with this, their
@@ -77,7 +89,7 @@ class SteeringConfig:
 
     def __post_init__(self) -> None:
         check_steering("SteeringConfig", steps=self.steps, lr=self.lr, max_delta=self.max_delta,
-                       positions=self.positions, method=self.method)
+                       positions=self.positions, method=self.method, answer_tokens=self.answer_tokens)
 
 
 class SteeringValueError(ValueError):
@@ -95,6 +107,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_delta": (lambda v: v is None or v > 0, "> 0 or None"),
     "positions": (lambda v: v in POSITIONS, f"one of {POSITIONS}"),
     "method": (lambda v: v in METHODS, f"one of {METHODS}"),
+    "answer_tokens": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                      "an integer >= 1 or None"),
 }
 
 

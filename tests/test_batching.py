@@ -144,3 +144,44 @@ def test_a_request_whose_steering_goes_non_finite_fails_alone():
             streams[0].result()
         assert [s.result().token_ids for s in streams[1:]] == [a.token_ids for a in alone]
         assert engine.stats["max_rows"] >= 2  # they really shared a batch
+
+
+@pytest.mark.parametrize("model_default", [None, 2])
+def test_answer_tokens_per_row_equal_steered_generate_alone(model_default):
+    """Rows with ``answer_tokens`` 1, 3 and None, positions ``generated`` and ``all``, batched
+    together (rows join midway): each answer equals ``SteeredModel.generate`` greedy with the same
+    settings, so a row stops being steered after its first N answer-token predictions and only
+    then. The request's ``answer_tokens`` holds, whatever the steered model's own default."""
+    from dataclasses import replace
+
+    steered = _engine_model()
+    steered.config = replace(steered.config, lr=1.0, answer_tokens=model_default)
+    tok = steered.tokenizer
+    reqs = []
+    for i, (positions, n) in enumerate([(p, n) for p in ("generated", "all") for n in (1, 3, None)] * 2):
+        ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+        reqs.append(GenerationRequest(ids, max_new_tokens=8 + i % 3, steps=3, lr=1.0, positions=positions,
+                                      answer_tokens=n))
+    with BatchEngine(steered, max_batch=4) as engine:
+        batched = [s.result() for s in [engine.submit(r) for r in reqs]]
+        assert engine.stats["max_rows"] == 4 and engine.stats["joined"] > 0
+    pad = steered.model.generation_config.pad_token_id
+    differs = 0
+    for r, got in zip(reqs, batched):
+        ids = torch.tensor([r.prompt_ids])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens, do_sample=False,
+                  pad_token_id=pad, steps=r.steps, lr=r.lr, positions=r.positions)
+        want = steered.generate(ids, answer_tokens=r.answer_tokens, **kw)[0, ids.shape[1]:].tolist()
+        assert got.token_ids == want, (r.positions, r.answer_tokens)
+        if r.answer_tokens is not None:
+            full = steered.generate(ids, answer_tokens=None, **kw)[0, ids.shape[1]:].tolist()
+            differs += full != want
+    assert differs >= 2, "answer_tokens should change some answers of this random model"
+
+
+def test_request_answer_tokens_validation():
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="answer_tokens"):
+            GenerationRequest([1], answer_tokens=bad)
+    assert GenerationRequest([1], answer_tokens=4).answer_tokens == 4

@@ -95,6 +95,55 @@ def test_loglikelihood_steers_as_generation_would(parts, positions):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("positions", ["generated", "all"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_loglikelihood_answer_tokens_steers_the_first_n_continuation_predictions(parts, positions, n):
+    """``answer_tokens=N``: the continuation is the answer; each log-prob equals a SteeredModel
+    forward with prompt_length = len(context) and the same answer_tokens (the positions predicting
+    the continuation's first N tokens), and differs from steering the whole continuation."""
+    model, tok, sae, vec = parts
+    lm = _lm(parts, steps=2, lr=0.5, positions=positions, answer_tokens=str(n), batch_size=4)
+    assert lm.steering_config.answer_tokens == n
+    got = [ll for ll, _ in _ll(lm)]
+    whole = [ll for ll, _ in _ll(_lm(parts, steps=2, lr=0.5, positions=positions, batch_size=4))]
+    steered = SteeredModel(model, tok, sae, vec)
+    want = []
+    for ctx, cont in LL_PAIRS:
+        c, x = lm.tok_encode(ctx), lm.tok_encode(cont)
+        ids = torch.tensor([c + x])[:, :-1]
+        with torch.no_grad():
+            logits = steered(ids, prompt_length=len(c), steps=2, lr=0.5, positions=positions,
+                             answer_tokens=n).logits
+        logp = torch.log_softmax(logits[0, len(c) - 1:], -1)
+        want.append(float(logp.gather(-1, torch.tensor(x).unsqueeze(-1)).sum()))
+    assert got == pytest.approx(want, abs=1e-4)
+    for (ctx, cont), a, b in zip(LL_PAIRS, got, whole):
+        if len(lm.tok_encode(cont)) <= n:  # the whole continuation is within the first n tokens
+            assert a == pytest.approx(b, abs=1e-5), cont
+    assert any(abs(a - b) > 1e-4 for a, b in zip(got, whole))
+
+
+def test_generate_with_answer_tokens_matches_steered_model_generate(parts):
+    model, tok, sae, vec = parts
+    lm = _lm(parts, steps=3, lr=0.5, answer_tokens=2, batch_size=1)
+    steered = SteeredModel(model, tok, sae, vec)
+    ids = torch.tensor([lm.tok_encode("hi there")])
+    kw = dict(max_new_tokens=8, do_sample=False, steps=3, lr=0.5, pad_token_id=tok.pad_token_id)
+    out = steered.generate(ids, answer_tokens=2, **kw)
+    want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert _gen(lm, ["hi there"])[0] == want
+    assert not torch.equal(out, steered.generate(ids, **kw))  # the cut changed this answer
+
+
+def test_answer_tokens_argument(parts):
+    assert _lm(parts, steps=2).steering_config.answer_tokens is None
+    assert _lm(parts, steps=2, answer_tokens="none").steering_config.answer_tokens is None
+    assert "answer_tokens" in _lm(parts, steps=2, answer_tokens=4).describe()["steering"]
+    for bad in ("many", "1.5", "0", -1):
+        with pytest.raises(ValueError, match="answer_tokens"):
+            _lm(parts, steps=2, answer_tokens=bad)
+
+
 def test_generate_matches_steered_model_generate(parts):
     model, tok, sae, vec = parts
     lm = _lm(parts, steps=3, lr=0.5, batch_size=1)

@@ -117,8 +117,44 @@ def test_chat_matches_library_generate(client, steered):
     assert got_steered.choices[0].finish_reason == "length"
     assert got_steered.usage.completion_tokens == 10
     assert got_steered.model_extra["steering"] == {"enabled": True, "steps": 3, "strength": 0.5,
-                                                   "positions": "generated"}
+                                                   "positions": "generated", "answer_tokens": None}
     assert got_plain.model_extra["steering"]["enabled"] is False
+
+
+def test_answer_tokens_matches_library_generate(client, steered):
+    """``steering.answer_tokens`` steers only the first N answer-token predictions, exactly as
+    ``SteeredModel.chat(..., answer_tokens=N)`` does, and the response echoes it."""
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    for n in (1, 3):
+        got = _chat(client, msgs[0]["content"], {"steps": 3, "strength": 0.5, "answer_tokens": n},
+                    max_tokens=10)
+        assert got.choices[0].message.content == steered.chat(msgs, max_new_tokens=10, steps=3, lr=0.5,
+                                                              answer_tokens=n), n
+        assert got.model_extra["steering"]["answer_tokens"] == n
+        streamed = _chat(client, msgs[0]["content"], {"steps": 3, "strength": 0.5, "answer_tokens": n},
+                         max_tokens=10, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+            got.choices[0].message.content
+
+
+def test_answer_tokens_defaults_to_the_served_models_and_null_means_the_whole_answer(steered):
+    from dataclasses import replace
+
+    from steerplug.serve_api import RequestHandler, SteeringOptions
+
+    handler = RequestHandler(steered, None, ServeConfig(model_name=MODEL))
+    assert handler.steering(None)["answer_tokens"] is None
+    old = steered.config
+    steered.config = replace(old, answer_tokens=4)
+    try:
+        assert handler.steering(None)["answer_tokens"] == 4
+        assert handler.steering(SteeringOptions(steps=2))["answer_tokens"] == 4  # missing: the default
+        assert handler.steering(SteeringOptions(answer_tokens=2))["answer_tokens"] == 2
+        assert handler.steering(SteeringOptions(answer_tokens=None))["answer_tokens"] is None  # null
+        assert handler.steering(SteeringOptions.model_validate_json('{"answer_tokens": null}')
+                                )["answer_tokens"] is None
+    finally:
+        steered.config = old
 
 
 def test_chat_stream_equals_non_stream(client):
@@ -188,6 +224,9 @@ def test_stop_string(client):
     ({"extra_body": {"steering": {"strength": 1e308}}}, "steering.strength"),
     ({"extra_body": {"steering": {"lr": 11.0}}}, "steering.strength"),
     ({"extra_body": {"steering": {"positions": ""}}}, "steering.positions"),
+    ({"extra_body": {"steering": {"answer_tokens": 0}}}, "steering.answer_tokens"),
+    ({"extra_body": {"steering": {"answer_tokens": 2.5}}}, "steering.answer_tokens"),
+    ({"extra_body": {"steering": {"answer_tokens": "many"}}}, "steering.answer_tokens"),
     ({"extra_body": {"steering": "on"}}, "steering"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logprobs": True}, "logprobs"),
@@ -540,3 +579,26 @@ def test_a_fault_mid_decode_fails_the_requests_in_flight_and_the_server_serves_o
     for _ in range(3):  # and the server keeps serving
         assert _chat(client, "hi", max_tokens=3).choices[0].message.content is not None
     assert _drained_within(engine, 5)  # nothing left running or waiting
+
+
+def test_cli_answer_tokens_flag(monkeypatch, capsys):
+    """``--answer-tokens N`` (shared by serve and the other model-loading commands) reaches
+    SteeredModel.from_pretrained; 0 or a non-integer is refused at parse time, naming the flag."""
+    import argparse
+
+    from steerplug import SteeredModel as SM
+    from steerplug.model_args import add_steered_model_arguments, steered_model_from_args
+
+    p = argparse.ArgumentParser()
+    add_steered_model_arguments(p)
+    seen = {}
+    monkeypatch.setattr(SM, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw)))
+    steered_model_from_args(p.parse_args(["--answer-tokens", "5", "--positions", "all"]))
+    assert (seen["answer_tokens"], seen["positions"]) == (5, "all")
+    seen.clear()
+    steered_model_from_args(p.parse_args([]))
+    assert "answer_tokens" not in seen  # the bundle's (or SteeringConfig's) default holds
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--answer-tokens", bad])
+        assert "--answer-tokens" in capsys.readouterr().err

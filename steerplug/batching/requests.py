@@ -41,6 +41,10 @@ class GenerationRequest:
     """Steering step size; 0 = unsteered (:attr:`SteeringConfig.lr`, checked by its rule)."""
     positions: str = "generated"
     """Which positions to steer (:attr:`SteeringConfig.positions`, checked by its rule)."""
+    answer_tokens: int | None = None
+    """Steer only the positions predicting the first ``answer_tokens`` answer tokens, then decode
+    this row unsteered; None: the whole answer (:attr:`SteeringConfig.answer_tokens`, checked by
+    its rule). The request's value holds, not the steered model's config."""
     trace: bool = False
     """Report, per generated token, the feature score before/after steering and the top features."""
 
@@ -54,7 +58,8 @@ class GenerationRequest:
             raise ValueError(f"GenerationRequest.temperature={self.temperature!r}: expected a number in [0, 100].")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"GenerationRequest.top_p={self.top_p!r}: expected a number in (0, 1].")
-        check_steering("GenerationRequest", steps=self.steps, lr=self.lr, positions=self.positions)
+        check_steering("GenerationRequest", steps=self.steps, lr=self.lr, positions=self.positions,
+                       answer_tokens=self.answer_tokens)
         self.stop = tuple(s for s in self.stop if s)
 
     @property

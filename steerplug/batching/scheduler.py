@@ -185,6 +185,9 @@ class BatchEngine:
         ``positions`` only matters for the prompt: newcomers are prefilled in one forward pass per
         ``positions`` value, and in decode steps a ``prompt`` row is simply not steered (``generated``
         and ``all`` both steer the one new position), so all of them share the batch.
+        ``answer_tokens`` is per row too: the prefill's last position predicts answer token 1, so
+        the prefill is steered as without it, and a decode step steers a row only while the
+        position it feeds predicts one of the row's first ``answer_tokens`` tokens.
         """
         rows: list[Row] = []
         cache = mask = pos = last = None
@@ -284,8 +287,13 @@ class BatchEngine:
         per-row traces (or Nones)."""
         steered = self.steered
         device = ids.device
-        # In decode steps a `positions="prompt"` row is done being steered.
-        on = [r.req.steered and (prefill_len is not None or r.req.positions != "prompt") for r in rows]
+        # In decode steps a `positions="prompt"` row is done being steered, and so is a row whose
+        # first `answer_tokens` tokens are out: the position fed now (the row's last token) predicts
+        # answer token len(r.tokens) + 1.
+        on = [r.req.steered and (prefill_len is not None or (
+                  r.req.positions != "prompt"
+                  and (r.req.answer_tokens is None or len(r.tokens) < r.req.answer_tokens)))
+              for r in rows]
         lr = torch.tensor([r.req.lr if o else 0.0 for r, o in zip(rows, on)], device=device)  # (B,)
         steps = torch.tensor([r.req.steps if o else 0 for r, o in zip(rows, on)], device=device)
         max_steps = int(steps.max()) if len(rows) else 0
@@ -297,7 +305,10 @@ class BatchEngine:
         state.isolate_rows = True  # a row whose steering goes NaN/inf fails alone
         if prefill_len is None:  # decode steps keep each row's gate decision from its prompt
             state.row_on = torch.tensor([r.gate_on for r in rows], device=device)
-        config = replace(steered.config, steps=max_steps, positions=positions)
+        # answer_tokens is applied per row above (the prefill's positions all predict the prompt or
+        # answer token 1, inside any cut); the model's own default must not cut the decode steps,
+        # whose CallState starts at 0.
+        config = replace(steered.config, steps=max_steps, positions=positions, answer_tokens=None)
         tracing = steered.can_steer and any(r.req.trace for r in rows)
         captured: dict[str, torch.Tensor] = {}
         before = _capture(steered.hook_point, "before", captured) if tracing else None
