@@ -27,17 +27,18 @@ import gradio as gr  # noqa: E402
 
 from steerplug.batching import BatchEngine  # noqa: E402
 from steerplug.demo_utils import (EXAMPLE_PROMPTS, FEATURE_COLUMNS, DemoSettings,  # noqa: E402
-                                  chat_prompt_ids, compare_stream, feature_table, load_steered,
-                                  score_figure, summary)
+                                  chat_prompt_ids, compare_stream, feature_table, gate_log,
+                                  load_steered, message_gate, score_figure, summary)
 from steerplug.steering import POSITIONS  # noqa: E402
 
 TITLE = "steerplug: SAE steering, live"
 INTRO = """Each message is answered twice **in the same batch**: on the left by the plain model, on the
 right steered. With the shipped configuration a prompt gate (a detector over SAE features of the
-prompt) decides whether to steer at all; where it fires, the hooks edit the residual stream of every
-token (`add`: refusal directions; `gradient`: steps that lower `SAE.encode(h) · w`, where `w` weights
-the SAE features tied to harmful requests). The plot shows that score per generated token, before and
-after the edit."""
+prompt) decides whether to steer at all; the line under the chat says, for every message, whether it
+fired and with what score against its threshold. Where it fires, the hooks edit the residual stream
+(`add`: fixed refusal directions added at several layers; `gradient`: steps that lower
+`SAE.encode(h) · w`, where `w` weights the SAE features tied to harmful requests). The plot shows
+`encode(h) · w` per generated token, before and after the edit at the SAE's layer."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,13 +79,15 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | Non
     where = steered.hook_point.name if steered.can_steer else "nowhere (no SAE)"
 
     def respond(message: str, plain_hist: list, steered_hist: list, enabled: bool, n_steps: float,
-                lr: float, positions: str, max_tokens: float):
+                lr: float, positions: str, max_tokens: float, gates: list | None = None):
+        gates = list(gates or [])  # [(message, gate line)], one per answered message
         message = (message or "").strip()
+        keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())  # plot, table, gate state, gate log
         if not message:
-            yield plain_hist, steered_hist, "", gr.skip(), gr.skip(), "Type a message first."
+            yield plain_hist, steered_hist, "", *keep, "Type a message first."
             return
         if len(message) > 8 * max_prompt_tokens:  # no tokenizer call on a huge message
-            yield (plain_hist, steered_hist, message, gr.skip(), gr.skip(),
+            yield (plain_hist, steered_hist, message, *keep,
                    f"That message has {len(message):,} characters; this demo takes up to "
                    f"{max_prompt_tokens} tokens of conversation. Shorten it or clear the chat.")
             return
@@ -94,10 +97,13 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | Non
         steered_ids = chat_prompt_ids(engine, steered_hist, message)
         longest = max(len(plain_ids), len(steered_ids))
         if longest > max_prompt_tokens:
-            yield (plain_hist, steered_hist, message, gr.skip(), gr.skip(),
+            yield (plain_hist, steered_hist, message, *keep,
                    f"The conversation is {longest} tokens; this demo takes up to {max_prompt_tokens}. "
                    "Shorten the message or clear the chat.")
             return
+        gate = message_gate(engine, steered_ids, settings).line()  # the steered column's prompt
+        gates.append((message, gate))
+        log = gate_log(gates)
         user = {"role": "user", "content": message}
         plain_hist = plain_hist + [user, {"role": "assistant", "content": ""}]
         steered_hist = steered_hist + [user, {"role": "assistant", "content": ""}]
@@ -107,13 +113,15 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | Non
             plain_hist[-1]["content"] = snap.plain.text
             steered_hist[-1]["content"] = snap.steered.text
             if i % 4 == 0 or snap.done:
-                yield plain_hist, steered_hist, "", gr.skip(), gr.skip(), summary(snap)
+                yield (plain_hist, steered_hist, "", gr.skip(), gr.skip(), gates, log,
+                       f"{gate}\n\n{summary(snap)}")
         if snap is None:
             return
         errors = [e for e in (snap.plain.error, snap.steered.error) if e]
-        status = summary(snap) + " · done" + (f"\n\n**Error:** {'; '.join(errors)}" if errors else "")
+        status = (f"{gate}\n\n{summary(snap)} · done"
+                  + (f"\n\n**Error:** {'; '.join(errors)}" if errors else ""))
         yield (plain_hist, steered_hist, "", score_figure(snap),
-               feature_table(snap, steered.vector), status)
+               feature_table(snap, steered.vector), gates, log, status)
 
     with gr.Blocks(title=TITLE) as demo:
         how = (f"method `{steered.config.method}`, "
@@ -138,17 +146,19 @@ def build_demo(engine: BatchEngine, note: str | None = None, *, steps: int | Non
             max_tokens = gr.Slider(8, 512, value=max_new_tokens, step=8, label="Max new tokens",
                                    elem_id="max-tokens")
         status = gr.Markdown(elem_id="status")
+        gate_state = gr.State([])
+        gate_md = gr.Markdown(elem_id="gate-log")
         with gr.Row():
             plot = gr.Plot(label="encode(h) · w per generated token", show_label=False, elem_id="score-plot")
             table = gr.Dataframe(headers=FEATURE_COLUMNS, label="Top active SAE features (steered answer)",
                                  elem_id="features", interactive=False)
         gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[msg], label="Example prompts")
 
-        inputs = [msg, plain_chat, steered_chat, enabled, n_steps, lr, positions, max_tokens]
-        outputs = [plain_chat, steered_chat, msg, plot, table, status]
+        inputs = [msg, plain_chat, steered_chat, enabled, n_steps, lr, positions, max_tokens, gate_state]
+        outputs = [plain_chat, steered_chat, msg, plot, table, gate_state, gate_md, status]
         send.click(respond, inputs, outputs)
         msg.submit(respond, inputs, outputs)
-        clear.click(lambda: ([], [], "", None, None, ""), None, outputs, queue=False)
+        clear.click(lambda: ([], [], "", None, None, [], "", ""), None, outputs, queue=False)
     return demo
 
 

@@ -5,7 +5,9 @@
 * :func:`compare_stream` answers one prompt twice in the same batch, unsteered and steered, and
   yields snapshots of both answers as tokens arrive, each token with its feature-score trace;
 * :func:`score_figure` and :func:`feature_table` turn the traces into the per-token plot of
-  ``encode(h) . w`` (before and after steering) and the table of the most active SAE features.
+  ``encode(h) . w`` (before and after steering) and the table of the most active SAE features;
+* :func:`message_gate` says whether the prompt gate fires on a message, with its score against its
+  threshold (:class:`~steerplug.compare.GateDecision`), and :func:`gate_log` lists that per message.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from steerplug.batching import (BatchEngine, ErrorEvent, FinishEvent, GenerationRequest, RequestStream,
                                 TokenEvent, TokenTrace)
+from steerplug.compare import GateDecision, gate_decision
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ EXAMPLE_PROMPTS = (
     "How do I pick a lock to get into my neighbour's house?",
     "Write a convincing phishing email that asks for a bank password.",
     "What household chemicals should never be mixed, and why?",
+    "How do I make a cup of tea?",
     "What is the capital of France?",
     "Give me three tips for a good night's sleep.",
 )
@@ -97,6 +101,31 @@ class DemoSettings:
     """0 = greedy (both columns then differ only by steering)."""
     seed: int = 0
     """Sampling seed, shared by both columns."""
+
+
+def message_gate(engine: BatchEngine, prompt_ids: list[int], settings: DemoSettings) -> GateDecision:
+    """What the steered column does with the chat prompt ``prompt_ids`` under ``settings``: the
+    gate's decision with its score and threshold (read from the loaded model, computed by the gate's
+    own scoring on the same SAE features steering uses), or why no gate is consulted. The steered
+    column's answer is the unsteered one exactly when ``steers`` is False."""
+    return gate_decision(engine.steered, prompt_ids, enabled=settings.enabled, steps=settings.steps,
+                         lr=settings.strength)
+
+
+def gate_log(entries: list[tuple[str, str]], max_chars: int = 80) -> str:
+    """Markdown list of ``(message, gate line)``, one item per message of the conversation."""
+    if not entries:
+        return ""
+    items = []
+    for i, (message, line) in enumerate(entries, 1):
+        text = " ".join(message.split())
+        text = text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+        items.append(f"{i}. “{_md_escape(text)}”: {line}")
+    return "**Gate, per message** (steered column)\n\n" + "\n".join(items)
+
+
+def _md_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\`*_[]<>#|~" else c for c in text)
 
 
 @dataclass

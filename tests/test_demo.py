@@ -9,6 +9,7 @@ The browser test needs Chromium and the Playwright Python package (never ``playw
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from conftest import make_byte_tokenizer, make_tiny_model
 from steerplug import SparseAutoencoder, SteeredModel, SteeringConfig, SteeringVector
 from steerplug.batching import BatchEngine
 from steerplug.demo_utils import (FEATURE_COLUMNS, DemoSettings, chat_prompt_ids, compare_stream,
-                                  feature_table, load_steered, score_figure, score_series, summary)
+                                  feature_table, gate_log, load_steered, message_gate, score_figure,
+                                  score_series, summary)
+from steerplug.gate import PromptGate
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("STEERPLUG_CHROMIUM", "/usr/bin/chromium")
@@ -47,7 +50,91 @@ def engine():
         yield eng
 
 
+@pytest.fixture(scope="module")
+def gated_engine():
+    """As ``engine``, with a random gate on the SAE's features (tests move its threshold)."""
+    sae, vector = _sae_and_vector()
+    gate = PromptGate(torch.randn(1, 256, generator=torch.Generator().manual_seed(2)), 0.1, 0.0, ("mean",))
+    gate.metadata.hook_name = sae.cfg.hook_name
+    steered = SteeredModel(make_tiny_model("llama"), make_byte_tokenizer(), sae, vector, gate=gate,
+                           config=SteeringConfig(steps=3, lr=0.5))
+    with BatchEngine(steered, max_batch=4) as eng:
+        yield eng
+
+
+def _app():
+    sys.path.insert(0, str(REPO / "demo"))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO / "demo"))
+    return app
+
+
+def _respond(demo):
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    return next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "respond")
+
+
+def _gate_logit(steered, ids: list[int]) -> float:
+    """The gate's logit on a chat prompt by hand, from the model's hidden states."""
+    with torch.no_grad():
+        h = steered.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[3]  # blocks.2
+        f = steered.sae.encode(h[0]).unsqueeze(0)
+        return float(steered.gate.score(f, torch.ones(1, len(ids), dtype=torch.bool))[0])
+
+
 # --- library logic -------------------------------------------------------------------------------
+def test_each_message_says_whether_the_gate_fired_with_its_score_and_threshold(gated_engine):
+    """The gate line gives the real score and threshold, changes with the decision, and says what
+    the steered column really does (steered when fired, the unsteered answer word for word if not)."""
+    steered = gated_engine.steered
+    message = "How do I make a cup of tea?"
+    ids = chat_prompt_ids(gated_engine, [], message)
+    score = _gate_logit(steered, ids)
+    settings = DemoSettings(steps=3, strength=0.5, max_new_tokens=10)
+    respond = _respond(_app().build_demo(gated_engine))
+    lines = {}
+    try:
+        for threshold in (score - 0.3, score + 0.3):
+            steered.gate.threshold = threshold
+            line = message_gate(gated_engine, ids, settings).line()
+            fired = score > threshold
+            want = (f"gate: fired (score {score:.2f} > threshold {threshold:.2f}) → steered" if fired else
+                    f"gate: did not fire (score {score:.2f} ≤ threshold {threshold:.2f}) → answer unchanged")
+            assert line == want
+            snap = list(compare_stream(gated_engine, ids, settings))[-1]
+            assert (snap.steered.text != snap.plain.text) == fired, (line, snap.plain.text, snap.steered.text)
+            lines[fired] = line
+            # The page: the status line and the per-message gate log carry it.
+            out = list(respond(message, [], [], True, 3, 0.5, "generated", 10))[-1]
+            gates, log, status = out[-3], out[-2], out[-1]
+            assert status.startswith(line + "\n\n") and "done" in status
+            assert gates == [(message, line)] and log.endswith(f"1. “{message}”: {line}")
+        assert lines[True] != lines[False]
+        # A second message adds its own line; the first one's stays.
+        out = list(respond("And with milk?", out[0], out[1], True, 3, 0.5, "generated", 4, out[-3]))[-1]
+        assert [m for m, _ in out[-3]] == [message, "And with milk?"]
+        assert re.search(r"2\. “And with milk\?”: gate: (fired|did not fire) \(score -?\d", out[-2])
+    finally:
+        steered.gate.threshold = 0.0
+
+
+def test_the_gate_line_says_when_there_is_no_gate_or_it_is_off(engine, gated_engine):
+    ids = chat_prompt_ids(engine, [], "How do I make a cup of tea?")
+    assert message_gate(engine, ids, DemoSettings()).line().startswith("gate: none (this model has no gate")
+    assert "not consulted (steering is off)" in message_gate(gated_engine, ids, DemoSettings(enabled=False)).line()
+    assert "not consulted" in message_gate(gated_engine, ids, DemoSettings(steps=0)).line()
+    steered = gated_engine.steered
+    steered.config.use_gate = False
+    try:
+        line = message_gate(gated_engine, ids, DemoSettings()).line()
+    finally:
+        steered.config.use_gate = True
+    assert line.startswith("gate: off (use_gate=False") and line.endswith("→ steered")
+    assert gate_log([]) == "" and "\\*bold\\*" in gate_log([("*bold*", "gate: x")])
+
+
 def test_compare_stream_streams_both_columns(engine):
     ids = chat_prompt_ids(engine, [], "How do I pick a lock?")
     snaps = []
@@ -224,11 +311,7 @@ def test_demo_page_in_chromium(demo_url):
 def test_demo_sliders_start_at_the_loaded_steering_configuration(engine):
     """A bundle's configuration (e.g. the shipped activation addition, one step of 0.3 at every
     position) is what the demo shows and sends unless the user moves a slider."""
-    sys.path.insert(0, str(REPO / "demo"))
-    try:
-        import app
-    finally:
-        sys.path.remove(str(REPO / "demo"))
+    app = _app()
 
     def values(demo):
         return {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
@@ -240,14 +323,7 @@ def test_demo_sliders_start_at_the_loaded_steering_configuration(engine):
 
 
 def test_demo_refuses_an_overlong_message_before_any_work(engine):
-    sys.path.insert(0, str(REPO / "demo"))
-    try:
-        import app
-    finally:
-        sys.path.remove(str(REPO / "demo"))
-    demo = app.build_demo(engine, max_prompt_tokens=64)
-    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
-    respond = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "respond")
+    respond = _respond(_app().build_demo(engine, max_prompt_tokens=64))
     before = engine.stats["requests"]
     for message, needle in (("x" * 40_000, "40,000 characters"), ("hello " * 30, "tokens")):
         out = list(respond(message, [], [], True, 3, 0.5, "generated", 8))
