@@ -37,7 +37,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("the model wrapper", ("steerplug.sites", "steerplug.bundles", "steerplug.steered_model", "steerplug")),
     ("pipeline, evaluation, serving", (
         "steerplug.pipeline", "steerplug.distributed", "steerplug.interventions", "steerplug.judge",
-        "steerplug.report", "steerplug.lm_eval_plugin", "steerplug.batching", "steerplug.serve_api",
+        "steerplug.fluency", "steerplug.report", "steerplug.lm_eval_plugin", "steerplug.batching", "steerplug.serve_api",
         "steerplug.serve", "steerplug.model_args", "steerplug.compare", "steerplug.push")),
     ("CLI and demo", ("steerplug.cli", "steerplug.demo_utils", "steerplug.pipeline.artifacts")),
 ]
