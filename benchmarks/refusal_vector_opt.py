@@ -3,7 +3,7 @@ harmful training prompts are answered with one clean refusal and the end of turn
 
 Activation addition of the shipped CAA directions (harmful-minus-harmless prompt means) pushes
 SmolLM2-135M into declines that loop and invent contexts ("the specific job description for the
-current client"); under ReaderJudge, 12 of 234 labelled steered answers were clean refusals. Here
+current client"); of 195 labelled steered answers to harmful prompts, 9 were clean refusals. Here
 the vectors are fitted by gradient descent on the log-likelihood of TARGET + <|im_end|> (teacher
 forcing, vectors added at the positions predicting the answer, model frozen), on own
 ``harmful_train`` (300) + ``harmful_train`` (first 300 of ../shared/data), deduplicated: 560 prompts.
