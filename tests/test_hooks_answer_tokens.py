@@ -126,18 +126,23 @@ def test_a_full_forward_with_per_row_prompt_lengths(positions, n):
         assert mask[row].nonzero().flatten().tolist() == _expected(positions, n, L, prompt_len=p), row
 
 
-@pytest.mark.parametrize("positions,n", CASES)
-def test_incremental_decoding_with_a_kv_cache_steers_the_same_positions(positions, n):
-    """``generate`` with a cache: the prompt in one call, then one position per call; the steered
-    absolute positions are those of the definition (the last new token is never fed back)."""
+def _generate_calls(use_cache: bool, **steering):
+    """The hook's inputs, call by call, while ``generate`` writes M greedy tokens after the prompt."""
     from steerplug import CallState
 
     steered = _steered()
     ids = _ids()
-    kw = dict(max_new_tokens=M, min_new_tokens=M, do_sample=False, use_cache=True,
+    kw = dict(max_new_tokens=M, min_new_tokens=M, do_sample=False, use_cache=use_cache,
               pad_token_id=steered.model.generation_config.pad_token_id)
-    calls = _record(steered, lambda: steered.model.generate(ids, **kw),
-                    state=CallState(gen_start=P - 1, prompt_end=P), positions=positions, answer_tokens=n)
+    return _record(steered, lambda: steered.model.generate(ids, **kw),
+                   state=CallState(gen_start=P - 1, prompt_end=P), **steering)
+
+
+@pytest.mark.parametrize("positions,n", CASES)
+def test_incremental_decoding_with_a_kv_cache_steers_the_same_positions(positions, n):
+    """``generate`` with a cache: the prompt in one call, then one position per call; the steered
+    absolute positions are those of the definition (the last new token is never fed back)."""
+    calls = _generate_calls(use_cache=True, positions=positions, answer_tokens=n)
     assert [c.shape[1] for c in calls] == [P] + [1] * (M - 1)  # really incremental
     assert _steered_cols(torch.cat(calls, dim=1)) == _expected(positions, n, P + M - 1)
 
@@ -146,14 +151,7 @@ def test_incremental_decoding_with_a_kv_cache_steers_the_same_positions(position
 def test_decoding_without_a_cache_steers_the_same_positions_at_every_step(positions, n):
     """``use_cache=False``: every step re-runs the whole sequence from position 0; each step must
     steer the same positions a cached decode does."""
-    from steerplug import CallState
-
-    steered = _steered()
-    ids = _ids()
-    kw = dict(max_new_tokens=M, min_new_tokens=M, do_sample=False, use_cache=False,
-              pad_token_id=steered.model.generation_config.pad_token_id)
-    calls = _record(steered, lambda: steered.model.generate(ids, **kw),
-                    state=CallState(gen_start=P - 1, prompt_end=P), positions=positions, answer_tokens=n)
+    calls = _generate_calls(use_cache=False, positions=positions, answer_tokens=n)
     assert len(calls) == M
     for step, c in enumerate(calls):
         assert _steered_cols(c) == _expected(positions, n, P + step), step

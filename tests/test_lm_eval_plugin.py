@@ -77,21 +77,27 @@ def test_steering_on_changes_loglikelihood_and_generation(parts, plain):
     assert _ll(plain) == base
 
 
-@pytest.mark.parametrize("positions", ["generated", "prompt", "all"])
-def test_loglikelihood_steers_as_generation_would(parts, positions):
-    """Each continuation's log-prob equals a SteeredModel forward with prompt_length = len(context)."""
+def _reference_loglikelihoods(parts, lm, **steering):
+    """Each LL_PAIRS continuation's log-prob from a SteeredModel forward with prompt_length = len(context)."""
     model, tok, sae, vec = parts
-    lm = _lm(parts, steps=2, lr=0.5, positions=positions, batch_size=4)
-    got = [ll for ll, _ in _ll(lm)]
     steered = SteeredModel(model, tok, sae, vec)
     want = []
     for ctx, cont in LL_PAIRS:
         c, x = lm.tok_encode(ctx), lm.tok_encode(cont)
         ids = torch.tensor([c + x])[:, :-1]
         with torch.no_grad():
-            logits = steered(ids, prompt_length=len(c), steps=2, lr=0.5, positions=positions).logits
+            logits = steered(ids, prompt_length=len(c), **steering).logits
         logp = torch.log_softmax(logits[0, len(c) - 1:], -1)  # positions predicting the continuation
         want.append(float(logp.gather(-1, torch.tensor(x).unsqueeze(-1)).sum()))
+    return want
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt", "all"])
+def test_loglikelihood_steers_as_generation_would(parts, positions):
+    """Each continuation's log-prob equals a SteeredModel forward with prompt_length = len(context)."""
+    lm = _lm(parts, steps=2, lr=0.5, positions=positions, batch_size=4)
+    got = [ll for ll, _ in _ll(lm)]
+    want = _reference_loglikelihoods(parts, lm, steps=2, lr=0.5, positions=positions)
     assert got == pytest.approx(want, abs=1e-4)
 
 
@@ -101,21 +107,11 @@ def test_loglikelihood_answer_tokens_steers_the_first_n_continuation_predictions
     """``answer_tokens=N``: the continuation is the answer; each log-prob equals a SteeredModel
     forward with prompt_length = len(context) and the same answer_tokens (the positions predicting
     the continuation's first N tokens), and differs from steering the whole continuation."""
-    model, tok, sae, vec = parts
     lm = _lm(parts, steps=2, lr=0.5, positions=positions, answer_tokens=str(n), batch_size=4)
     assert lm.steering_config.answer_tokens == n
     got = [ll for ll, _ in _ll(lm)]
     whole = [ll for ll, _ in _ll(_lm(parts, steps=2, lr=0.5, positions=positions, batch_size=4))]
-    steered = SteeredModel(model, tok, sae, vec)
-    want = []
-    for ctx, cont in LL_PAIRS:
-        c, x = lm.tok_encode(ctx), lm.tok_encode(cont)
-        ids = torch.tensor([c + x])[:, :-1]
-        with torch.no_grad():
-            logits = steered(ids, prompt_length=len(c), steps=2, lr=0.5, positions=positions,
-                             answer_tokens=n).logits
-        logp = torch.log_softmax(logits[0, len(c) - 1:], -1)
-        want.append(float(logp.gather(-1, torch.tensor(x).unsqueeze(-1)).sum()))
+    want = _reference_loglikelihoods(parts, lm, steps=2, lr=0.5, positions=positions, answer_tokens=n)
     assert got == pytest.approx(want, abs=1e-4)
     for (ctx, cont), a, b in zip(LL_PAIRS, got, whole):
         if len(lm.tok_encode(cont)) <= n:  # the whole continuation is within the first n tokens
