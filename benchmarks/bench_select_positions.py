@@ -4,6 +4,7 @@
 
 Alternates the span selection alone (_select_span, what _select_positions was before) with
 _select_positions, 7 rounds of 20,000 calls, medians."""
+import statistics, time, torch
 from steerplug import CallState
 from steerplug.steering import SteeringConfig
 from steerplug.hooks import _select_positions, _select_span
