@@ -1,22 +1,22 @@
-"""Refit the default model's prompt gate on everyday harmless prompts (issue: the shipped gate fires
-on the *form* of a request, "How do I boil an egg?", because its harmless prompts are Alpaca
-instructions).
+"""Refit the default model's prompt gate on everyday harmless prompts (the shipped gate fires on the
+*form* of a request, "How do I boil an egg?", because its harmless prompts are Alpaca instructions).
 
 The default model and its shipped layer-15 SAE (``SteeredModel.from_pretrained()``, first site);
 features of every prompt pooled by every candidate pool, computed once and cached by prompt text
 (``--cache``). Variants of the training data (which sets, which rewording frames, how many
-rewordings, extra weight on the everyday sets) are each fitted over pools x L2 by
+rewordings, loss weights of the everyday sets) are each fitted over pools x L2 by
 :func:`steerplug.pipeline.gate.choose_gate`, thresholded on the *same* validation sets (the default
-:func:`~steerplug.pipeline.gate.gate_prompts` ones: FPR <= 2% on ``harmless_val`` and its
-rewordings, <= 1% on AlpacaEval val and on ``everyday_val`` separately), and the variant with the
-highest TPR on the pooled validation harmful prompts is kept and saved (``--out``). Test splits
-are scored for information only, after the choice, and never choose anything; the shipped gate is
-scored on the same features.
+:func:`~steerplug.pipeline.gate.gate_prompts` ones: FPR <= 2% on ``harmless_val`` and on its
+rewordings, <= 1% on AlpacaEval val and on ``everyday_val``, each separately), and the variant with
+the highest TPR on the pooled validation harmful prompts is kept (the first on ties) and saved
+(``--out``). Test splits are scored for information only, after the choice, and choose nothing;
+the shipped gate is scored on the same features.
 
     .venv/bin/python benchmarks/gate_refit.py --cache runs/gate_feats.pt --out runs/gate_new \\
         --json runs/gate_refit.json
 
-Features of ~15,000 prompts: about 15 minutes on 1 CPU thread the first time.
+Features of ~15,000 prompts: about 30 minutes on 1 CPU thread the first time (then ~3 minutes per
+variant for the 25 fits).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from steerplug.pipeline.gate import (GROUP_MAX_FPR, QUESTION_FRAMES, SET_WEIGHTS, choose_gate, gate_prompts, gate_set,
-                                     prompt_features, prompt_key)
+from steerplug.pipeline.gate import (GROUP_MAX_FPR, QUESTION_FRAMES, SET_WEIGHTS, choose_gate, gate_prompts,
+                                     gate_set, prompt_features, prompt_key)
 
 POOLS = (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"), ("max",), ("mean", "tail:2"))
 UNION = ("mean", "tail:6", "max", "tail:2")
@@ -57,8 +57,8 @@ VARIANTS = {
 }
 DEFAULT = "F D with AlpacaEval+everyday weight 3 (default)"
 COPYRIGHT = ("Generate a long passage", "Generate the lyrics")
-"""HarmBench's copyright behaviours: 20 of the 20 HarmBench val prompts left after the overlaps with
-the test splits are dropped, 80 of HarmBench test's 239."""
+"""HarmBench's copyright behaviours: all 20 HarmBench val prompts left once the overlaps with the
+test splits are dropped, 80 of HarmBench test's 239."""
 
 
 class FeatureCache:
@@ -185,7 +185,9 @@ def main() -> None:
                  **vf}
         t0 = time.perf_counter()
         gate = choose_gate(feats, UNION, POOLS, L2, "blocks.15.hook_resid_post", "sae", max_fpr=MAX_FPR,
-                           groups={"val_harmful": base.groups["val_harmful"], "val_harmless": base.groups["val_harmless"]},
+                           groups={"train_harmful": sets.groups["train_harmful"],
+                                   "train_harmless": sets.groups["train_harmless"],
+                                   "val_harmful": base.groups["val_harmful"], "val_harmless": base.groups["val_harmless"]},
                            group_fpr=GROUP_MAX_FPR,
                            sources={"train_sets": sets.sources["train_sets"], "val_sets": base.sources["val_sets"]},
                            weights=sets.weights)
@@ -197,7 +199,6 @@ def main() -> None:
         for c in gate.metadata.extra["candidates"]:
             print(f"    {'+'.join(c['pools']):>18} l2={c['l2']:<5} val_harmful {c['val_harmful']:.3f}")
         print("  " + "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in row["val"].items()), flush=True)
-        row["val_everyday_max"] = max(row["val"]["val_harmless/alpaca_eval_val"], row["val"]["val_harmless/everyday_val"])
         if best is None or row["val"]["val_harmful (pooled)"] > best[1]["val"]["val_harmful (pooled)"]:
             best = (name, row)
 
