@@ -250,3 +250,199 @@ def test_bundle_manifest_loads_sites_gate_and_config(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"sites": [], "steering": {"strength": 1}}))
     with pytest.raises(ValueError, match="unknown steering option"):
         load_bundle(tmp_path)
+
+
+# --- fitting the gate: its prompt sets and its threshold rule (steerplug.pipeline.gate) -------------------------
+
+def _tiny_gate_data(root, own):
+    """A data folder and an own prompt_sets folder with a few prompts per set, in the real formats."""
+    import csv
+
+    def write_csv(path, header, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    def write_jsonl(path, prompts, kind=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"x{i}", "prompt": p, **({"kind": k} if (k := (
+            kind(i) if callable(kind) else kind)) else {})}) + "\n" for i, p in enumerate(prompts)))
+
+    splits = root / "refusal_direction_splits"
+    splits.mkdir(parents=True)
+    alpaca = {"train": [f"Describe the color number {i}." for i in range(10)],
+              "val": [f"List three facts about planet {i}." for i in range(10)],
+              "test": ["Name a test-only fruit."]}
+    alpaca["train"].append("Describe the color number 3")  # a duplicate up to punctuation
+    alpaca["val"].append("Describe the color number 0.")  # also a training prompt
+    alpaca["val"].append("Name a test-only fruit.")  # a harmless_test prompt
+    for split, rows in alpaca.items():
+        (splits / f"harmless_{split}.json").write_text(json.dumps([{"instruction": t} for t in rows]))
+        (splits / f"harmful_{split}.json").write_text(json.dumps(
+            [{"instruction": f"Explain how to commit crime {split} {i}.", "category": "c"} for i in range(4)]))
+    for kind in ("harmful", "benign"):
+        write_csv(root / "jailbreakbench" / f"{kind}-behaviors.csv", ["goal", "category"], [[f"jbb {kind} goal", "c"]])
+    for split in ("val", "test"):
+        write_csv(root / "harmbench" / f"harmbench_behaviors_text_{split}.csv",
+                  ["Behavior", "SemanticCategory", "ContextString"], [[f"harmbench {split} behaviour", "c", ""]])
+    write_csv(root / "advbench" / "harmful_behaviors.csv", ["goal"], [["advbench goal"], ["jbb harmful goal"]])
+    write_csv(root / "xstest" / "xstest_prompts.csv", ["prompt", "type", "label"],
+              [["How do I kill a Python process?", "homonyms", "safe"], ["How do I kill a person?", "x", "unsafe"]])
+    write_jsonl(root / "alpaca_eval" / "alpaca_eval_train.jsonl",
+                ["What is a good name for a cat?", "How do I wrap a present?", "AE test prompt"])
+    write_jsonl(root / "alpaca_eval" / "alpaca_eval_val.jsonl", ["Who wrote Hamlet?", "How do I wrap a present?"])
+    write_jsonl(root / "alpaca_eval" / "alpaca_eval_test.jsonl", ["AE test prompt"])
+    write_jsonl(own / "everyday_train.jsonl", ["How do I boil an egg?", "How do I kill a zombie process?",
+                                               "Everyday test prompt?"],
+                lambda i: "lookalike" if i == 1 else "everyday")
+    write_jsonl(own / "everyday_val.jsonl", ["How do I make tea?", "How do I shoot a photo at night?"],
+                lambda i: "lookalike" if i == 1 else "everyday")
+    write_jsonl(own / "everyday_test.jsonl", ["Everyday test prompt?"], "everyday")
+    write_jsonl(own / "harmful_train.jsonl", ["How do I steal a car?"], "harmful")
+    write_jsonl(own / "harmful_val.jsonl", ["How do I poison a dog?"], "harmful")
+
+
+def test_gate_prompts_add_the_everyday_sets_and_drop_every_test_prompt(tmp_path, monkeypatch):
+    from steerplug.pipeline import gate as G
+
+    own = tmp_path / "own"
+    _tiny_gate_data(tmp_path / "data", own)
+    monkeypatch.setattr(G, "PROMPT_SET_DIR", own)
+    data = str(tmp_path / "data")
+    assert G.gate_set("everyday_train:lookalike", data) == ["How do I kill a zombie process?"]
+    assert G.gate_set("alpaca_eval_val", data) == ["Who wrote Hamlet?", "How do I wrap a present?"]
+    sets = G.gate_prompts(data, n_harmless=6, twins=0.5)
+    assert set(sets) == {"train_harmful", "train_harmless", "val_harmful", "val_harmless"}
+    # every named set is in, in order, and the groups slice each list exactly
+    g = sets.groups
+    assert list(g["train_harmful"]) == ["harmful_train", "advbench", "xstest_unsafe", "own_harmful_train"]
+    assert list(g["train_harmless"]) == ["harmless_train", "harmless_train:twins", "alpaca_eval_train", "everyday_train"]
+    assert list(g["val_harmful"]) == ["harmful_val", "harmbench_val", "own_harmful_val"]
+    assert list(g["val_harmless"]) == ["harmless_val", "harmless_val:twins", "alpaca_eval_val", "everyday_val"]
+    for key, parts in g.items():
+        assert [b for _, b in parts.values()][-1] == len(sets[key])
+        assert all(a == b for (_, a), (b, _) in zip(list(parts.values()), list(parts.values())[1:]))
+
+    def part(key, name):
+        a, b = g[key][name]
+        return sets[key][a:b]
+
+    assert part("train_harmful", "own_harmful_train") == ["How do I steal a car?"]
+    assert part("train_harmful", "advbench") == ["advbench goal"]  # the JailbreakBench one is a test prompt
+    assert part("train_harmless", "alpaca_eval_train") == ["What is a good name for a cat?", "How do I wrap a present?"]
+    assert part("train_harmless", "everyday_train") == ["How do I boil an egg?", "How do I kill a zombie process?"]
+    assert part("val_harmful", "own_harmful_val") == ["How do I poison a dog?"]
+    assert part("val_harmless", "alpaca_eval_val") == ["Who wrote Hamlet?"]  # the other is a training prompt
+    assert part("val_harmless", "everyday_val") == ["How do I make tea?", "How do I shoot a photo at night?"]
+    # n_harmless caps the Alpaca sets; their first `twins` share is reworded with the twin frames
+    assert part("train_harmless", "harmless_train") == [f"Describe the color number {i}." for i in range(6)]
+    assert part("train_harmless", "harmless_train:twins") == [
+        G.TWIN_FRAMES[i].format(f"describe the color number {i}") for i in range(3)]
+    assert part("val_harmless", "harmless_val") == [f"List three facts about planet {i}." for i in range(6)]
+    # no test prompt anywhere (AlpacaEval test, everyday_test, harmless_test, JailbreakBench), and
+    # no validation prompt that is also a training prompt
+    test = {G.prompt_key(t) for s in G.GATE_TEST_SETS for t in G.gate_set(s, data)}
+    assert {"ae test prompt", "everyday test prompt", "name a test only fruit", "jbb harmful goal"} <= test
+    keys = {k: {G.prompt_key(t) for t in v} for k, v in sets.items()}
+    for k, v in keys.items():
+        assert not v & test, k
+        assert len(v) == len(sets[k]), k  # deduplicated
+    assert not (keys["val_harmless"] | keys["val_harmful"]) & (keys["train_harmless"] | keys["train_harmful"])
+    assert sets.sources == {"train_sets": {"harmful": list(g["train_harmful"]), "harmless": list(g["train_harmless"])},
+                            "val_sets": {"harmful": list(g["val_harmful"]), "harmless": list(g["val_harmless"])}}
+    # the everyday training sets weigh more (recorded for fit_gate); a weight of 1 is no weight
+    assert sets.weights == {"alpaca_eval_train": 3.0, "everyday_train": 3.0} == G.SET_WEIGHTS
+    assert G.gate_prompts(data, n_harmless=6, weights={"everyday_train": 1, "nope": 2}).weights == {}
+    # the old sets alone, as before, on request
+    old = G.gate_prompts(data, n_harmless=6, twins=0.0, train_harmless=("harmless_train",),
+                         val_harmless=("harmless_val",), train_harmful=("harmful_train",), val_harmful=("harmful_val",))
+    assert old["train_harmless"] == part("train_harmless", "harmless_train")
+    assert list(old.groups["val_harmless"]) == ["harmless_val"]
+
+
+def test_phrasing_twins_take_their_frames_in_turn():
+    from steerplug.pipeline.gate import TWIN_FRAMES, phrasing_twins
+
+    prompts = ["Describe the water cycle.", "Name two rivers in Spain", "Write a haiku."]
+    frames = ("Can you help me {}?", "I want to {}. Where do I start?")
+    assert phrasing_twins(prompts, 1.0, frames) == ["Can you help me describe the water cycle?",
+                                                    "I want to name two rivers in Spain. Where do I start?",
+                                                    "Can you help me write a haiku?"]
+    assert len(set(TWIN_FRAMES)) == len(TWIN_FRAMES) >= 10 and all(f.count("{}") == 1 for f in TWIN_FRAMES)
+
+
+def test_the_threshold_keeps_the_budget_on_each_harmless_validation_set():
+    """Pooled with many Alpaca instructions, a small everyday set could fire far above the budget."""
+    from steerplug.pipeline.gate import GROUP_MAX_FPR, threshold_for_groups
+
+    pos = torch.linspace(0.5, 3.0, 50)
+    alpaca = torch.linspace(-3.0, 0.0, 900)  # never above 0
+    everyday = torch.cat([torch.linspace(-2.0, 0.0, 90), torch.linspace(1.0, 2.0, 10)])  # 10% above 1
+    neg = torch.cat([alpaca, everyday])
+    groups = {"harmless_val": (0, 900), "everyday_val": (900, 1000)}
+    pooled = threshold_for_groups(pos, neg, None, 0.02)
+    assert float((everyday > pooled).float().mean()) > 0.05  # pooled, 2% of 1,000 hides them
+    per_set = threshold_for_groups(pos, neg, groups, 0.02, {"everyday_val": 0.01})
+    assert float((everyday > per_set).float().mean()) <= 0.01
+    assert float((alpaca > per_set).float().mean()) <= 0.02
+    assert per_set == threshold_for_groups(pos, neg, {**groups, "empty": (5, 5)}, 0.02, {"everyday_val": 0.01})
+    assert GROUP_MAX_FPR["everyday_val"] <= 0.01 and GROUP_MAX_FPR["alpaca_eval_val"] <= 0.01
+
+
+def test_choose_gate_thresholds_per_set_and_records_the_sets(tmp_path):
+    from steerplug.pipeline.gate import choose_gate
+
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n, shift):  # (n, 1 pool, 3 features): feature 0 carries the class, feature 1 the "form"
+        x = torch.rand(n, 1, 3, generator=g)
+        x[:, 0, 0] += shift
+        return x
+
+    everyday = rows(100, 0.0)
+    everyday[:, 0, 1] += 3.0  # the form of harmful requests; train_harmless has none of it
+    feats = {"train_harmful": rows(80, 1.5), "train_harmless": rows(200, 0.0),
+             "val_harmful": rows(60, 1.5), "val_harmless": torch.cat([rows(900, 0.0), everyday])}
+    feats["train_harmful"][:, 0, 1] += 3.0
+    feats["val_harmful"][:, 0, 1] += 3.0
+    groups = {"val_harmful": {"harmful_val": (0, 60)},
+              "val_harmless": {"harmless_val": (0, 900), "everyday_val": (900, 1000)}}
+    sources = {"train_sets": {"harmful": ["a"], "harmless": ["b"]}, "val_sets": {"harmful": ["c"], "harmless": ["d", "e"]}}
+    pooled = choose_gate(feats, ("mean",), [("mean",)], [1e-2], "blocks.1.hook_resid_post")
+    gate = choose_gate(feats, ("mean",), [("mean",)], [1e-2], "blocks.1.hook_resid_post", groups=groups,
+                       group_fpr={"everyday_val": 0.01}, sources=sources)
+    rates = gate.metadata.extra["group_fire_rates"]
+    assert pooled.metadata.extra["fire_rates"]["val_harmless"] <= 0.02
+    assert float(((everyday[:, 0] * pooled.weights).sum(1) + pooled.bias > pooled.threshold).float().mean()) > 0.02
+    assert rates["val_harmless/everyday_val"] <= 0.01 and rates["val_harmless/harmless_val"] <= 0.02
+    assert set(gate.metadata.extra["fire_rates"]) == {"train_harmful", "train_harmless", "val_harmful", "val_harmless"}
+    assert gate.metadata.extra["group_max_fpr"] == {"harmless_val": 0.02, "everyday_val": 0.01}
+    back = PromptGate.from_pretrained(gate.save_pretrained(tmp_path / "gate"))
+    assert back.metadata.extra["train_sets"] == {"harmful": ["a"], "harmless": ["b"]}
+    assert back.metadata.extra["val_sets"] == {"harmful": ["c"], "harmless": ["d", "e"]}
+    assert pooled.metadata.extra["train_sets"] is None  # plain features do not say where they came from
+
+
+def test_set_weights_act_as_repeated_training_prompts():
+    from steerplug.pipeline.gate import choose_gate, fit_logistic
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(40, 5, generator=g), (torch.rand(40, generator=g) > 0.5).float()
+    n = torch.randint(1, 4, (40,), generator=g)
+    w, b = fit_logistic(x, y, 0.1, weight=n.float())
+    w2, b2 = fit_logistic(x.repeat_interleave(n, 0), y.repeat_interleave(n), 0.1)
+    assert torch.allclose(w, w2, atol=1e-5) and b == pytest.approx(b2, abs=1e-5)
+    assert not torch.allclose(w, fit_logistic(x, y, 0.1)[0], atol=1e-3)
+    # through choose_gate: the weighted group is the same as that group repeated three times
+    f = {"train_harmful": torch.rand(30, 1, 4, generator=g) + 0.3, "train_harmless": torch.rand(50, 1, 4, generator=g),
+         "val_harmful": torch.rand(20, 1, 4, generator=g) + 0.3, "val_harmless": torch.rand(60, 1, 4, generator=g)}
+    groups = {"train_harmless": {"alpaca": (0, 40), "everyday": (40, 50)}}
+    gate = choose_gate(f, ("mean",), [("mean",)], [0.1], "h", groups=groups, weights={"everyday": 3.0})
+    rep = dict(f, train_harmless=torch.cat([f["train_harmless"]] + [f["train_harmless"][40:]] * 2))
+    plain = choose_gate(rep, ("mean",), [("mean",)], [0.1], "h")
+    assert torch.allclose(gate.weights, plain.weights, atol=1e-5) and gate.threshold == pytest.approx(plain.threshold, abs=1e-4)
+    assert gate.metadata.extra["set_weights"] == {"everyday": 3.0}
+    with pytest.raises(ValueError, match="pass their groups"):
+        choose_gate(f, ("mean",), [("mean",)], [0.1], "h", weights={"everyday": 3.0})

@@ -8,7 +8,9 @@ configuration, in a folder with a ``steerplug.json`` manifest.
    (:func:`~steerplug.pipeline.refusals.target_vector`); the activation-addition directions are
    the ones that brought those refusals out, at every depth of ``caa_depths``, so that activation
    addition and gradient steering aim at the same refusals.
-3. The gate on the first site's SAE (:func:`steerplug.pipeline.gate.fit_gate`).
+3. The gate on the first site's SAE (:func:`steerplug.pipeline.gate.fit_gate` on
+   :func:`~steerplug.pipeline.gate.gate_prompts`: Alpaca instructions, AlpacaEval and steerplug's
+   everyday prompts against harmful requests; thresholded per harmless validation set).
 
 Layout::
 
@@ -60,12 +62,15 @@ class BundleConfig:
     gate_pools: tuple[tuple[str, ...], ...] = (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"),
                                                ("max",), ("mean", "tail:2"))
     """Candidate poolings of the prompt's features for the gate (chosen on the validation split)."""
-    gate_l2: tuple[float, ...] = (1e-2, 1e-1, 1.0)
-    """Candidate L2 strengths for the gate's logistic regression (chosen the same way)."""
+    gate_l2: tuple[float, ...] = (1e-2, 1e-1, 1.0, 3.0, 10.0)
+    """Candidate L2 strengths for the gate's logistic regression (chosen the same way). Measured on
+    SmolLM2-135M with the everyday harmless sets (benchmarks/gate_refit.py): 1.0 or 3.0 are chosen."""
     gate_max_fpr: float = 0.02
-    """False-positive budget of the gate on ``harmless_val``."""
+    """False-positive budget of the gate on each harmless validation set (``harmless_val`` and its
+    rewordings); the everyday ones (AlpacaEval val, ``everyday_val``) get the tighter
+    :data:`steerplug.pipeline.gate.GROUP_MAX_FPR`."""
     gate_harmless: int = 3000
-    """``harmless_train`` (and ``harmless_val``) prompts for the gate."""
+    """``harmless_train`` (and ``harmless_val``) prompts for the gate (the other gate sets are used whole)."""
     steering: dict[str, Any] = field(default_factory=lambda: {
         "method": "add", "steps": 1, "lr": 0.3, "normalize": False, "max_delta": None, "positions": "all",
         "use_gate": True})

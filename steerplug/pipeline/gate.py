@@ -1,23 +1,38 @@
 """Fitting the gate (:class:`~steerplug.gate.PromptGate`): which prompts steering acts on.
 
-* Data: harmful requests from ``harmful_train``, AdvBench and XSTest's unsafe prompts; harmless ones
-  from ``harmless_train`` (Alpaca). Every prompt that also occurs in a test split (JailbreakBench,
-  HarmBench test, ``harmful_test``, ``harmless_test``, XSTest safe) is dropped first: AdvBench
-  shares 33 with them. The threshold is chosen on ``harmful_val`` + HarmBench val (deduplicated)
-  against ``harmless_val``. Test splits are never read here except to drop overlaps.
+* Data (:func:`gate_prompts`): harmful requests from ``harmful_train``, AdvBench, XSTest's unsafe
+  prompts and steerplug's own ``own_harmful_train`` (requests in everyday forms: "How do I ...",
+  "My ... what's the best way to ..."); harmless ones from ``harmless_train`` (Alpaca
+  instructions), AlpacaEval's train split and steerplug's own ``everyday_train`` (everyday
+  questions and look-alikes such as "How do I kill a Python process?"), plus
+  :func:`phrasing_twins` of the Alpaca instructions. Every prompt that also occurs in a test split
+  (:data:`GATE_TEST_SETS`: JailbreakBench, HarmBench test, ``harmful_test``, ``harmless_test``,
+  XSTest safe, AlpacaEval test, ``everyday_test``) is dropped first: AdvBench shares 33 with them;
+  so is every validation prompt that is also a training prompt. Validation: ``harmful_val`` +
+  HarmBench val + ``own_harmful_val`` against ``harmless_val``, AlpacaEval val and
+  ``everyday_val``. Test splits are never read here except to drop overlaps.
+* Measured on SmolLM2-135M (benchmarks/gate_refit.py): the gate fitted on Alpaca instructions
+  alone fires on the *form* of a request (everyday questions like "How do I boil an egg?" open the
+  way a quarter of the harmful requests do): on 27% of AlpacaEval val and 48% of ``everyday_val``
+  (75% of its look-alikes). Fitted on these sets, with the per-set budgets below, 0.6% and 0.8%,
+  at the cost of harmful-prompt recall (validation TPR 0.66 against 0.93).
 * Features: the SAE's features of the chat-formatted prompt, pooled (:func:`steerplug.gate.pool_features`).
 * Model: L2-regularised logistic regression on the pooled features divided by one shared scale
   (sparse codes: a per-feature scale blows up rare latents), classes balanced; the scale is
   folded into the weights, so the gate reads raw features.
 * Threshold: the highest true-positive rate on the validation harmful prompts whose false-positive
-  rate on ``harmless_val`` is at most ``max_fpr``. Pooling and regularisation are chosen the same
-  way among a few candidates (:func:`fit_gate`).
+  rate is at most the budget on *each* harmless validation set separately (``max_fpr``, and
+  :data:`GROUP_MAX_FPR` for the everyday sets: pooled with 3,000 Alpaca instructions, the small
+  everyday sets could fire far above the budget unseen). Pooling and regularisation are chosen the
+  same way among a few candidates (:func:`fit_gate`).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +44,52 @@ from steerplug.pipeline.collect import capture_activations
 from steerplug.pipeline.refusals import chat_texts
 from steerplug.sae import SparseAutoencoder
 
-HARMFUL_TRAIN_SETS = ("harmful_train", "advbench", "xstest_unsafe")
-HARMFUL_VAL_SETS = ("harmful_val", "harmbench_val")
+HARMFUL_TRAIN_SETS = ("harmful_train", "advbench", "xstest_unsafe", "own_harmful_train")
+HARMFUL_VAL_SETS = ("harmful_val", "harmbench_val", "own_harmful_val")
+HARMLESS_TRAIN_SETS = ("harmless_train", "alpaca_eval_train", "everyday_train")
+HARMLESS_VAL_SETS = ("harmless_val", "alpaca_eval_val", "everyday_val")
 TEST_SETS = ("harmful_test", "jbb_harmful", "jbb_benign", "harmbench_test", "harmless_test", "xstest_safe")
+"""The test splits of :mod:`steerplug.data` (all readable by :func:`~steerplug.data.load_prompts`)."""
+GATE_TEST_SETS = TEST_SETS + ("alpaca_eval_test", "everyday_test")
+"""Every test split the gate must never see: :data:`TEST_SETS` and the test splits of
+:data:`GATE_PROMPT_SETS`."""
+LIMITED_SETS = ("harmless_train", "harmless_val")
+"""The sets ``n_harmless`` caps (the others are small)."""
+GROUP_MAX_FPR = {"alpaca_eval_val": 0.01, "everyday_val": 0.01}
+"""False-positive budgets of single harmless validation sets, where tighter than ``max_fpr``: the
+everyday sets are the gate's real use, and they are small (1% of 260 is 2 prompts)."""
+SET_WEIGHTS = {"alpaca_eval_train": 3.0, "everyday_train": 3.0}
+"""Loss weight of each prompt of these training sets (others: 1), as if repeated: the everyday
+prompts are few (933 of ~4,900 harmless) but they are what the threshold is set by. Measured on
+SmolLM2-135M (benchmarks/gate_refit.py, 1%-budget thresholds on the everyday validation sets):
+validation TPR 0.62 at weight 1, 0.66 at 3, 0.66 at 10 (at best pooling and L2 each)."""
+
+PROMPT_SET_DIR = Path(__file__).resolve().parents[1] / "prompt_sets"
+GATE_PROMPT_SETS = {
+    **{f"alpaca_eval_{s}": ("data", f"alpaca_eval/alpaca_eval_{s}.jsonl") for s in ("train", "val", "test")},
+    **{f"everyday_{s}": ("own", f"everyday_{s}.jsonl") for s in ("train", "val", "test")},
+    **{f"own_harmful_{s}": ("own", f"harmful_{s}.jsonl") for s in ("train", "val")},
+}
+"""Gate prompt sets beyond :data:`steerplug.data.PROMPT_SETS`, as JSON lines (``prompt`` and, in
+steerplug's own sets, ``kind``): AlpacaEval's splits under the data folder, steerplug's own
+``prompt_sets/`` (``everyday_*``: kinds ``everyday`` and ``lookalike``; ``own_harmful_*``)."""
+
+
+def gate_set(name: str, data_dir: str | None = None) -> list[str]:
+    """The prompts of one set: a :mod:`steerplug.data` name, a :data:`GATE_PROMPT_SETS` name, or
+    ``NAME:KIND`` for the rows of one ``kind`` of an own set (``everyday_val:lookalike``)."""
+    from steerplug.data import PROMPT_SETS, data_dir as resolve, load_prompts
+
+    base, _, kind = name.partition(":")
+    if base in PROMPT_SETS and not kind:
+        return [p.text for p in load_prompts(base, data_dir)]
+    if base not in GATE_PROMPT_SETS:
+        raise KeyError(f"Unknown gate prompt set {name!r}; known: {sorted(PROMPT_SETS) + sorted(GATE_PROMPT_SETS)}.")
+    where, rel = GATE_PROMPT_SETS[base]
+    path = (resolve(data_dir) if where == "data" else PROMPT_SET_DIR) / rel
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["prompt"] for r in rows if not kind or r.get("kind") == kind]
 
 
 def prompt_key(text: str) -> str:
@@ -41,17 +99,26 @@ def prompt_key(text: str) -> str:
 
 QUESTION_FRAMES = ("How do I {}?", "How can I {}?", "How to {}?", "What is the best way to {}?")
 """Openings of about a quarter of the harmful training requests and of 1% of the harmless ones."""
+TWIN_FRAMES = QUESTION_FRAMES + (
+    "What's the best way to {}?", "Can you help me {}?", "Could you {}?", "I want to {}. Where do I start?",
+    "I need to {}. Any tips?", "Is there an easy way to {}?", "Tell me how to {}.",
+    "My friend asked me to {}. What should I do?")
+"""The frames :func:`gate_prompts` rewords with: :data:`QUESTION_FRAMES` and the other forms
+everyday questions and harmful requests share ("Can you help me ...", "I want to ... Where do I start?",
+"My friend asked me to ...")."""
 _NOT_IMPERATIVE = {"what", "who", "whom", "which", "why", "when", "where", "how", "is", "are", "can", "could",
                    "do", "does", "did", "should", "would", "will", "i", "my", "the", "a", "an", "in", "if"}
 
 
-def phrasing_twins(prompts: Sequence[str], share: float) -> list[str]:
+def phrasing_twins(prompts: Sequence[str], share: float,
+                   frames: Sequence[str] = QUESTION_FRAMES) -> list[str]:
     """Harmless imperative prompts reworded as the questions harmful requests are often phrased as
     ("Describe the water cycle." -> "How do I describe the water cycle?"), for ``share`` of them.
 
     Measured on SmolLM2-135M: a gate trained without them fires on "How do I boil an egg?" and
     "How do I open a jar that is stuck?" (the harmless training prompts almost never open with
-    "How do I"); with them it has to read what is asked, not how."""
+    "How do I"); with them it has to read what is asked, not how. The ``i``-th prompt gets
+    ``frames[i % len(frames)]``."""
     out = []
     for i, p in enumerate(prompts[:int(len(prompts) * share)]):
         p = p.strip()
@@ -62,32 +129,71 @@ def phrasing_twins(prompts: Sequence[str], share: float) -> list[str]:
                 or first.lower() in _NOT_IMPERATIVE or p.count(".") > 1):
             continue
         body = p.rstrip(".!").strip()
-        out.append(QUESTION_FRAMES[i % len(QUESTION_FRAMES)].format(body[0].lower() + body[1:]))
+        out.append(frames[i % len(frames)].format(body[0].lower() + body[1:]))
     return out
 
 
-def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000,
-                 twins: float = 0.4) -> dict[str, list[str]]:
-    """``{"train_harmful", "train_harmless", "val_harmful", "val_harmless"}``: deduplicated, with
-    every prompt of a test split removed; the harmless sets gain :func:`phrasing_twins` of
-    ``twins`` of their prompts."""
-    from steerplug.data import load_prompts
+class GatePrompts(dict):
+    """:func:`gate_prompts`' ``{"train_harmful", "train_harmless", "val_harmful", "val_harmless"}``
+    (lists of prompts), with where each part came from.
 
-    test = {prompt_key(p.text) for s in TEST_SETS for p in load_prompts(s, data_dir)}
+    ``groups``: per key, ``{source: (start, stop)}`` slices into its list, in order (``NAME:twins``
+    for the :func:`phrasing_twins` of ``NAME``); ``sources``: ``{"train_sets": {"harmful": [...],
+    "harmless": [...]}, "val_sets": {...}}`` for the gate's metadata; ``weights``: ``{source: loss
+    weight}`` of training sets weighted other than 1."""
 
-    def take(sets: Sequence[str], limit: int | None = None) -> list[str]:
-        seen, out = set(test), []
+    groups: dict[str, dict[str, tuple[int, int]]]
+    sources: dict[str, dict[str, list[str]]]
+    weights: dict[str, float]
+
+
+def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000, twins: float = 0.4, *,
+                 train_harmful: Sequence[str] = HARMFUL_TRAIN_SETS,
+                 train_harmless: Sequence[str] = HARMLESS_TRAIN_SETS,
+                 val_harmful: Sequence[str] = HARMFUL_VAL_SETS,
+                 val_harmless: Sequence[str] = HARMLESS_VAL_SETS,
+                 frames: Sequence[str] = TWIN_FRAMES,
+                 weights: Mapping[str, float] | None = SET_WEIGHTS) -> GatePrompts:
+    """``{"train_harmful", "train_harmless", "val_harmful", "val_harmless"}`` (a :class:`GatePrompts`)
+    from the named sets (:func:`gate_set`): deduplicated, with every prompt of a test split
+    (:data:`GATE_TEST_SETS`) removed, and every validation prompt that is also a training prompt.
+    ``n_harmless`` caps each of :data:`LIMITED_SETS`; those (the Alpaca instructions) gain the
+    :func:`phrasing_twins` of ``twins`` of their prompts, reworded with ``frames``. ``weights``:
+    the loss weight of each prompt of the named training sets (:data:`SET_WEIGHTS`; recorded, used
+    by :func:`fit_gate`)."""
+    test = {prompt_key(t) for s in GATE_TEST_SETS for t in gate_set(s, data_dir)}
+    seen = set(test)
+    out, groups = GatePrompts(), {}
+
+    def take(key: str, sets: Sequence[str], reword: bool) -> None:
+        rows, where = [], {}
         for s in sets:
-            for p in load_prompts(s, data_dir):
-                k = prompt_key(p.text)
+            start, part = len(rows), []
+            for t in gate_set(s, data_dir):
+                k = prompt_key(t)
                 if k not in seen:
                     seen.add(k)
-                    out.append(p.text)
-        return out[:limit]
+                    part.append(t)
+            part = part[:n_harmless] if s in LIMITED_SETS else part
+            rows += part
+            where[s] = (start, len(rows))
+            if reword and s in LIMITED_SETS and twins > 0:
+                new = [t for t in phrasing_twins(part, twins, frames) if prompt_key(t) not in seen]
+                seen.update(prompt_key(t) for t in new)
+                where[f"{s}:twins"] = (len(rows), len(rows) + len(new))
+                rows += new
+        out[key], groups[key] = rows, where
 
-    train, val = take(["harmless_train"], n_harmless), take(["harmless_val"], n_harmless)
-    return {"train_harmful": take(HARMFUL_TRAIN_SETS), "train_harmless": train + phrasing_twins(train, twins),
-            "val_harmful": take(HARMFUL_VAL_SETS), "val_harmless": val + phrasing_twins(val, twins)}
+    take("train_harmful", train_harmful, False)
+    take("train_harmless", train_harmless, True)
+    take("val_harmful", val_harmful, False)
+    take("val_harmless", val_harmless, True)
+    out.groups = groups
+    used = set(groups["train_harmful"]) | set(groups["train_harmless"])
+    out.weights = {k: float(v) for k, v in (weights or {}).items() if k in used and v != 1}
+    out.sources = {"train_sets": {"harmful": list(groups["train_harmful"]), "harmless": list(groups["train_harmless"])},
+                   "val_sets": {"harmful": list(groups["val_harmful"]), "harmless": list(groups["val_harmless"])}}
+    return out
 
 
 @torch.no_grad()
@@ -113,21 +219,35 @@ def prompt_features(model: nn.Module, tokenizer: Any, point: HookPoint, sae: Spa
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, epochs: int = 300,
-                 lr: float = 1e-2, seed: int = 0) -> tuple[torch.Tensor, float]:
+                 lr: float = 1e-2, seed: int = 0, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Logistic regression on ``(N, K)`` inputs centred and divided by one shared scale, balanced
-    classes, Adam full batch; returns ``(K,)`` weights and a bias that apply to the *raw* inputs."""
+    classes, Adam full batch; returns ``(K,)`` weights and a bias that apply to the *raw* inputs.
+    ``weight``: ``(N,)`` per-row loss weights, as if each row were repeated that many times (the
+    classes are balanced by their summed weights)."""
     torch.manual_seed(seed)
-    mu = x.mean(0)
-    scale = float(x.std(0).pow(2).mean().sqrt().clamp_min(1e-6))
+    if weight is None:
+        mu = x.mean(0)
+        scale = float(x.std(0).pow(2).mean().sqrt().clamp_min(1e-6))
+    else:  # the mean and (unbiased) spread of the rows repeated `weight` times
+        weight = weight.float()
+        n = weight.sum()
+        mu = (weight[:, None] * x).sum(0) / n
+        var = (weight[:, None] * (x - mu).pow(2)).sum(0) / (n - 1).clamp_min(1e-12)
+        scale = float(var.mean().sqrt().clamp_min(1e-6))
     z = (x - mu) / scale
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    pos_weight = (y == 0).sum() / (y == 1).sum().clamp_min(1)
+    if weight is None:
+        pos_weight, row = (y == 0).sum() / (y == 1).sum().clamp_min(1), None
+    else:
+        pos_weight = weight[y == 0].sum() / weight[y == 1].sum().clamp_min(1e-12)
+        row = weight * (len(weight) / weight.sum())  # the mean over rows then equals the mean over "copies"
     opt = torch.optim.Adam([w, b], lr=lr)
     with torch.enable_grad():
         for _ in range(epochs):
             opt.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float(), pos_weight=pos_weight)
+            loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float(), weight=row,
+                                                                  pos_weight=pos_weight)
             (loss + l2 * w.pow(2).sum()).backward()
             opt.step()
     w_raw = w.detach() / scale
@@ -143,26 +263,34 @@ def threshold_for(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float) -> float
 
 def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder,
              prompts: dict[str, list[str]], *, pools: Sequence[Sequence[str]] = (("mean", "tail:6"),),
-             l2: Sequence[float] = (1e-2,), max_fpr: float = 0.02, batch_size: int = 32) -> PromptGate:
+             l2: Sequence[float] = (1e-2,), max_fpr: float = 0.02,
+             group_fpr: Mapping[str, float] | None = GROUP_MAX_FPR, batch_size: int = 32) -> PromptGate:
     """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets for every pair of ``pools`` (each a
     tuple of pools) and ``l2``, and keep the one with the highest true-positive rate on the
     validation harmful prompts at its threshold (the first on ties). Validation rates of every
-    candidate go in the gate's metadata."""
+    candidate go in the gate's metadata. With a :class:`GatePrompts`, the false-positive budget
+    holds on each harmless validation set (``group_fpr``, else ``max_fpr``), training sets get
+    their :attr:`GatePrompts.weights`, and the sets are recorded."""
     union = tuple(dict.fromkeys(q for p in pools for q in p))
     feats = {k: prompt_features(model, tokenizer, point, sae, v, union, batch_size) for k, v in prompts.items()}
-    return choose_gate(feats, union, pools, l2, point.name, sae.cfg.hook_name, max_fpr=max_fpr)
+    return choose_gate(feats, union, pools, l2, point.name, sae.cfg.hook_name, max_fpr=max_fpr,
+                       groups=getattr(prompts, "groups", None), group_fpr=group_fpr,
+                       sources=getattr(prompts, "sources", None), weights=getattr(prompts, "weights", None))
 
 
 def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Sequence[Sequence[str]],
                 l2: Sequence[float], hook_name: str, sae_ref: str | None = None, *,
-                max_fpr: float = 0.02) -> PromptGate:
+                max_fpr: float = 0.02, groups: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
+                group_fpr: Mapping[str, float] | None = None,
+                sources: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None) -> PromptGate:
     """:func:`fit_gate`'s choice from features pooled by every pool of ``union`` (``(N, len(union), F)``)."""
     best, tried = None, []
     for p in pools:
         idx = [list(union).index(q) for q in p]
         sub = {k: v[:, idx] for k, v in feats.items()}
         for reg in l2:
-            gate = gate_from_features(sub, tuple(p), hook_name, sae_ref, l2=reg, max_fpr=max_fpr)
+            gate = gate_from_features(sub, tuple(p), hook_name, sae_ref, l2=reg, max_fpr=max_fpr,
+                                      groups=groups, group_fpr=group_fpr, sources=sources, weights=weights)
             rates = gate.metadata.extra["fire_rates"]
             tried.append({"pools": list(p), "l2": reg, "val_harmful": rates["val_harmful"],
                           "val_harmless": rates["val_harmless"]})
@@ -174,23 +302,66 @@ def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Seq
     return best
 
 
+def threshold_for_groups(pos: torch.Tensor, neg: torch.Tensor, groups: Mapping[str, tuple[int, int]] | None,
+                         max_fpr: float, group_fpr: Mapping[str, float] | None = None) -> float:
+    """The lowest threshold whose false-positive rate is at most the budget on every group of
+    ``neg`` (``{name: (start, stop)}``; budget ``group_fpr[name]``, else ``max_fpr``) at once;
+    all of ``neg`` as one group when ``groups`` is None."""
+    if not groups:
+        return threshold_for(pos, neg, max_fpr)
+    group_fpr = group_fpr or {}
+    return max(threshold_for(pos, neg[a:b], group_fpr.get(name, max_fpr))
+               for name, (a, b) in groups.items() if b > a)
+
+
 def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], hook_name: str,
-                       sae_ref: str | None = None, *, l2: float = 1e-2, max_fpr: float = 0.02) -> PromptGate:
+                       sae_ref: str | None = None, *, l2: float = 1e-2, max_fpr: float = 0.02,
+                       groups: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
+                       group_fpr: Mapping[str, float] | None = None,
+                       sources: Mapping[str, Any] | None = None,
+                       weights: Mapping[str, float] | None = None) -> PromptGate:
     """The gate of :func:`fit_gate` from already pooled ``(N, P, F)`` features of the four sets
-    (``train_harmful``, ``train_harmless``, ``val_harmful``, ``val_harmless``)."""
+    (``train_harmful``, ``train_harmless``, ``val_harmful``, ``val_harmless``). ``groups``
+    (:attr:`GatePrompts.groups`): the threshold keeps the budget on each ``val_harmless`` group, and
+    every group's fire rate goes in the metadata; ``sources`` (:attr:`GatePrompts.sources`): the
+    ``train_sets`` / ``val_sets`` recorded (None when not given: plain features do not say);
+    ``weights``: ``{training group: loss weight}`` (needs ``groups``)."""
     x = torch.cat([feats["train_harmful"], feats["train_harmless"]]).flatten(1)  # (N, P*F)
     y = torch.cat([torch.ones(len(feats["train_harmful"])), torch.zeros(len(feats["train_harmless"]))])
-    w, b = fit_logistic(x, y, l2=l2)
-    weights = w.reshape(len(pools), -1)
-    score = {k: (v * weights).sum((1, 2)) + b for k, v in feats.items()}
-    thr = threshold_for(score["val_harmful"], score["val_harmless"], max_fpr)
+    row = None
+    if weights:
+        if not groups:
+            raise ValueError("gate_from_features: weights name training sets; pass their groups too.")
+        parts = []
+        for k in ("train_harmful", "train_harmless"):
+            wk = torch.ones(len(feats[k]))
+            for name, (a, b_) in groups.get(k, {}).items():
+                wk[a:b_] = float(weights.get(name, 1.0))
+            parts.append(wk)
+        row = torch.cat(parts)
+    w, b = fit_logistic(x, y, l2=l2, weight=row)
+    gate_w = w.reshape(len(pools), -1)
+    score = {k: (v * gate_w).sum((1, 2)) + b for k, v in feats.items()}
+    val_groups = (groups or {}).get("val_harmless")
+    thr = threshold_for_groups(score["val_harmful"], score["val_harmless"], val_groups, max_fpr, group_fpr)
     rate = {k: round(float((v > thr).float().mean()), 4) for k, v in score.items()}
+    extra = {"pools": list(pools), "l2": l2, "max_fpr": max_fpr,
+             "sizes": {k: len(v) for k, v in feats.items()}, "fire_rates": rate}
+    if weights:
+        extra["set_weights"] = dict(weights)
+    if groups:
+        extra["group_fire_rates"] = {
+            f"{k}/{name}": round(float((score[k][a:b] > thr).float().mean()), 4)
+            for k, parts in groups.items() if k in score for name, (a, b) in parts.items() if b > a}
+    if val_groups:
+        budgets = {name: (group_fpr or {}).get(name, max_fpr) for name in val_groups}
+        extra["group_max_fpr"] = budgets
+        extra["rule"] = "highest TPR on val_harmful with FPR <= group_max_fpr on each val_harmless set"
+    else:
+        extra["rule"] = "highest TPR on val_harmful with FPR on val_harmless <= max_fpr"
+    extra.update({k: (sources or {}).get(k) for k in ("train_sets", "val_sets")})  # None: not known here
     meta = GateMetadata(
         hook_name=hook_name, sae=sae_ref,
         description="Steer only prompts this logistic detector over pooled SAE features calls harmful.",
-        extra={"pools": list(pools), "l2": l2, "max_fpr": max_fpr,
-               "sizes": {k: len(v) for k, v in feats.items()}, "fire_rates": rate,
-               "rule": "highest TPR on val_harmful with FPR on val_harmless <= max_fpr",
-               "train_sets": {"harmful": list(HARMFUL_TRAIN_SETS), "harmless": ["harmless_train"]},
-               "val_sets": {"harmful": list(HARMFUL_VAL_SETS), "harmless": ["harmless_val"]}})
-    return PromptGate(weights, b, thr, pools, meta)
+        extra=extra)
+    return PromptGate(gate_w, b, thr, pools, meta)
