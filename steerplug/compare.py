@@ -77,15 +77,13 @@ def gate_scores(steered: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
         raise ValueError("This model has no gate.")
 
     def score(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        sae = steered._gate_sae(h.device)  # noqa: SLF001 - the very SAE copy the gate's pass encodes with
-        B, T, D = h.shape
-        return gate.score(sae.encode(h.reshape(B * T, D).float()).reshape(B, T, -1), keep)
+        return gate.score(steered.gate_inputs(h), keep)  # what the gate's pass scores
 
     device = steered.device
     input_ids = input_ids.to(device)
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device))
     state = CallState(prompt_end=input_ids.shape[1], attention_mask=mask)
-    run = make_gate_pass(steered.hook_point, score)
+    run = make_gate_pass(steered.gate_point, score)
     # disabled() + steering(): no hooks of ours, but the model's lock, so a batch engine steering
     # the same model in another thread cannot have its hooks fire on this forward.
     with steered.disabled(), steered.steering(), torch.no_grad():

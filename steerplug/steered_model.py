@@ -68,6 +68,7 @@ class SteeredModel:
         self.objective = objective
         self.config = config or SteeringConfig()
         self.gate = gate
+        self._gate_point: HookPoint | None = None
         self.sites: list[Site] = []
         self._local = threading.local()  # disabled() is per thread
         self._lock = threading.RLock()
@@ -105,7 +106,13 @@ class SteeredModel:
         if len(set(names)) != len(names):
             raise ValueError(f"Two sites share a hook point ({names}): give each SAE its own hook.")
         primary = self.sites[0]
-        if gate is not None:
+        if gate is not None and gate.reads == "residual":
+            # A residual gate reads its own hook point (any layer), no SAE.
+            self._gate_point = resolve_hook_point(model, gate.metadata.hook_name, layers_path)
+            if gate.d_in != d_model:
+                raise ValueError(f"The gate reads the residual stream of width {gate.d_in}, but the model's "
+                                 f"hidden size is {d_model}: it was fitted on another model.")
+        elif gate is not None:
             primary = next((site for site in self.sites if site.sae is not None and (
                 site.sae.cfg.hook_name == gate.metadata.hook_name
                 or site.hook_point.name == gate.metadata.hook_name)), None)
@@ -307,15 +314,32 @@ class SteeredModel:
         config = config or self.config
         if self.gate is None or not config.use_gate:
             return None
-        gate, site = self.gate, self._site_of(None)
+        gate = self.gate
 
         def rows_fired(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-            sae = self._gate_sae(h.device)
-            B, T, D = h.shape
-            f = sae.encode(h.reshape(B * T, D).float()).reshape(B, T, -1)  # (B, T, F)
-            return gate.fires(f, keep)
+            return gate.fires(self.gate_inputs(h), keep)
 
-        return make_gate_pass(site.hook_point, rows_fired)
+        return make_gate_pass(self.gate_point, rows_fired)
+
+    @property
+    def gate_point(self) -> HookPoint | None:
+        """Where the gate reads (its SAE's site, or its own hook for a residual gate); None without a gate."""
+        if self.gate is None:
+            return None
+        if self.gate.reads == "residual":
+            if self._gate_point is None or self._gate_point.name != self.gate.metadata.hook_name:
+                self._gate_point = resolve_hook_point(self.model, self.gate.metadata.hook_name)
+            return self._gate_point
+        return self._site_of(None).hook_point
+
+    def gate_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)`` activations at :attr:`gate_point` -> what the gate scores: the SAE's features
+        (float32), or the residual itself for a residual gate."""
+        if self.gate.reads == "residual":
+            return h.float()
+        sae = self._gate_sae(h.device)
+        B, T, D = h.shape
+        return sae.encode(h.reshape(B * T, D).float()).reshape(B, T, -1)  # (B, T, F)
 
     def _gate_sae(self, device: torch.device) -> SparseAutoencoder:
         key = ("gate_sae", device)

@@ -148,6 +148,79 @@ def test_a_gate_on_an_unhooked_layer_is_refused():
                      [s.vector for s in steered.sites], gate=gate)
 
 
+def _residual_at(model, ids, layer):
+    h = {}
+    handle = model.model.layers[layer].register_forward_hook(lambda m, a, o: h.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    model(ids)
+    handle.remove()
+    return h["h"]
+
+
+def test_a_residual_gate_reads_its_own_layer_without_an_sae_and_steers_only_rows_it_fires_on():
+    steered = _two_site_model()
+    ids = torch.randint(0, 250, (3, 10), generator=torch.Generator().manual_seed(4))
+    h = _residual_at(steered.model, ids, 3)  # block 3: no SAE there
+    w = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(8))
+    gate = PromptGate(w, 0.0, 0.0, ("mean", "tail:1"), reads="residual")
+    gate.metadata.hook_name = "blocks.3.hook_resid_post"
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    scores = gate.score(h.float(), keep).detach()
+    by_hand = ((h[:, 1:].mean(1) * w[0]).sum(1) + (h[:, -1] * w[1]).sum(1)).detach()
+    assert torch.allclose(scores, by_hand, atol=1e-4)
+    hi = int(scores.argmax())
+    gate.threshold = float(scores.sort().values[-2] + scores.max()) / 2  # only row `hi` fires
+    gated = SteeredModel(steered.model, steered.tokenizer, [s.sae for s in steered.sites],
+                         [s.vector for s in steered.sites], config=steered.config, gate=gate)
+    assert gated.gate_point.name == "blocks.3.hook_resid_post"
+    from steerplug.compare import gate_scores
+    assert torch.allclose(gate_scores(gated, ids), scores, atol=1e-4)
+    state = CallState()
+    plain = steered.model(ids).logits
+    with gated.steering(state):
+        out = gated.model(ids).logits
+    assert state.row_on.tolist() == [i == hi for i in range(3)]
+    for i in range(3):
+        assert torch.equal(out[i], plain[i]) == (i != hi)
+    wrong = PromptGate(torch.randn(1, HIDDEN + 1), 0.0, 0.0, reads="residual")
+    wrong.metadata.hook_name = "blocks.3.hook_resid_post"
+    with pytest.raises(ValueError, match="hidden size"):
+        SteeredModel(steered.model, steered.tokenizer, steered.sites[0].sae, steered.sites[0].vector, gate=wrong)
+    with pytest.raises(ValueError, match="'max' pool"):
+        PromptGate(w[:1], 0.0, 0.0, ("max",), reads="residual")
+    with pytest.raises(ValueError, match="reads="):
+        PromptGate(w[:1], 0.0, 0.0, reads="logits")
+
+
+def test_an_mlp_gate_scores_through_its_hidden_layer_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    w1, b1, w2 = torch.randn(5, 2 * HIDDEN, generator=g), torch.randn(5, generator=g), torch.randn(1, 5, generator=g)
+    gate = PromptGate(w2, 0.3, 0.1, ("mean", "tail:2"), reads="residual", hidden=(w1, b1))
+    gate.metadata.hook_name = "blocks.2.hook_resid_post"
+    h = torch.randn(2, 7, HIDDEN, generator=g)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    x = torch.cat([h[:, 1:].mean(1), h[:, -2:].mean(1)], 1)
+    by_hand = torch.relu(x @ w1.T + b1) @ w2[0] + 0.3
+    assert torch.allclose(gate.score(h, keep), by_hand, atol=1e-5) and gate.d_in == HIDDEN
+    back = PromptGate.from_pretrained(gate.save_pretrained(tmp_path / "gate"))
+    assert back.reads == "residual" and torch.equal(back.hidden[0], w1) and torch.equal(back.hidden[1], b1)
+    assert torch.allclose(back.score(h, keep), by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden layer"):
+        PromptGate(torch.randn(1, 4), 0.0, 0.0, ("mean",), hidden=(w1, b1))
+
+
+def test_fit_mlp_and_per_feature_logistic_separate_what_a_shared_scale_cannot():
+    """Two classes that differ only along a feature of tiny scale next to a huge one (as in a
+    residual stream's massive dimensions): per-feature standardisation and the MLP find it."""
+    from steerplug.pipeline.gate import fit_logistic, fit_mlp
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 2
+    x = torch.stack([1000 * torch.randn(400, generator=g), 0.01 * (2 * y - 1) + 0.002 * torch.randn(400, generator=g)], 1)
+    w, b = fit_logistic(x, y, l2=1e-4, per_feature=True)
+    assert ((x @ w + b > 0).long() == y).float().mean() > 0.95
+    (w1, b1), w2, b2 = fit_mlp(x, y, hidden=8, l2=1e-4)
+    assert ((torch.relu(x @ w1.T + b1) @ w2 + b2 > 0).long() == y).float().mean() > 0.95
+
+
 def test_target_step_moves_the_features_to_their_targets():
     sae = SparseAutoencoder.random(HIDDEN, F, "relu", seed=11)
     h = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))

@@ -43,8 +43,8 @@ def artifacts_digest(steered: Any) -> str:
             _hash_tensors(h, [site.direction])
     gate = steered.gate
     if gate is not None:
-        h.update(json.dumps([gate.pools, gate.bias, gate.threshold, gate.metadata.hook_name]).encode())
-        _hash_tensors(h, [gate.weights])
+        h.update(json.dumps([gate.pools, gate.reads, gate.bias, gate.threshold, gate.metadata.hook_name]).encode())
+        _hash_tensors(h, [gate.weights, *(gate.hidden or ())])
     return h.hexdigest()[:16]
 
 
