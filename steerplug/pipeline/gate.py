@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -197,9 +198,10 @@ def gate_prompts(data_dir: str | None = None, n_harmless: int = 3000, twins: flo
 
 
 @torch.no_grad()
-def prompt_features(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder,
+def prompt_features(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder | None,
                     prompts: Sequence[str], pools: tuple[str, ...], batch_size: int = 32) -> torch.Tensor:
-    """``(N, P, F)``: each chat-formatted prompt's SAE features at ``point``, pooled as the gate pools."""
+    """``(N, P, F)``: each chat-formatted prompt's SAE features at ``point`` (the residual itself
+    with ``sae=None``), pooled as the gate pools."""
     device = next(model.parameters()).device
     texts = chat_texts(tokenizer, prompts)
     side = tokenizer.padding_side
@@ -211,37 +213,50 @@ def prompt_features(model: nn.Module, tokenizer: Any, point: HookPoint, sae: Spa
             mask = enc["attention_mask"].to(device)
             h = capture_activations(model, [point], enc["input_ids"].to(device), mask)[point.name]
             B, T, D = h.shape
-            f = sae.encode(h.reshape(B * T, D).to(sae.W_enc.dtype)).float().reshape(B, T, -1)
+            f = (h.float() if sae is None
+                 else sae.encode(h.reshape(B * T, D).to(sae.W_enc.dtype)).float().reshape(B, T, -1))
             rows.append(pool_features(f, mask, pools).cpu())
     finally:
         tokenizer.padding_side = side
     return torch.cat(rows)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, epochs: int = 300,
-                 lr: float = 1e-2, seed: int = 0, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Logistic regression on ``(N, K)`` inputs centred and divided by one shared scale, balanced
-    classes, Adam full batch; returns ``(K,)`` weights and a bias that apply to the *raw* inputs.
-    ``weight``: ``(N,)`` per-row loss weights, as if each row were repeated that many times (the
-    classes are balanced by their summed weights)."""
-    torch.manual_seed(seed)
+def _standardise(x: torch.Tensor, weight: torch.Tensor | None, per_feature: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu (K,), scale)`` of the rows (repeated ``weight`` times): one shared scale, or one per feature."""
     if weight is None:
-        mu = x.mean(0)
-        scale = float(x.std(0).pow(2).mean().sqrt().clamp_min(1e-6))
+        mu, var = x.mean(0), x.var(0)
     else:  # the mean and (unbiased) spread of the rows repeated `weight` times
-        weight = weight.float()
         n = weight.sum()
         mu = (weight[:, None] * x).sum(0) / n
         var = (weight[:, None] * (x - mu).pow(2)).sum(0) / (n - 1).clamp_min(1e-12)
-        scale = float(var.mean().sqrt().clamp_min(1e-6))
+    if per_feature:
+        return mu, var.sqrt() + 1e-3
+    return mu, var.mean().sqrt().clamp_min(1e-6).expand(x.shape[1])
+
+
+def _balance(y: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(pos_weight, row weights)`` that balance the classes by their summed weights."""
+    if weight is None:
+        return (y == 0).sum() / (y == 1).sum().clamp_min(1), None
+    pos_weight = weight[y == 0].sum() / weight[y == 1].sum().clamp_min(1e-12)
+    return pos_weight, weight * (len(weight) / weight.sum())  # the mean over rows = the mean over "copies"
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, epochs: int = 300,
+                 lr: float = 1e-2, seed: int = 0, weight: torch.Tensor | None = None,
+                 per_feature: bool = False) -> tuple[torch.Tensor, float]:
+    """Logistic regression on ``(N, K)`` inputs centred and divided by one shared scale (sparse
+    codes) or by each feature's own (``per_feature``: dense residuals), balanced classes, Adam
+    full batch; returns ``(K,)`` weights and a bias that apply to the *raw* inputs. ``weight``:
+    ``(N,)`` per-row loss weights, as if each row were repeated that many times (the classes are
+    balanced by their summed weights)."""
+    torch.manual_seed(seed)
+    weight = None if weight is None else weight.float()
+    mu, scale = _standardise(x, weight, per_feature)
     z = (x - mu) / scale
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    if weight is None:
-        pos_weight, row = (y == 0).sum() / (y == 1).sum().clamp_min(1), None
-    else:
-        pos_weight = weight[y == 0].sum() / weight[y == 1].sum().clamp_min(1e-12)
-        row = weight * (len(weight) / weight.sum())  # the mean over rows then equals the mean over "copies"
+    pos_weight, row = _balance(y, weight)
     opt = torch.optim.Adam([w, b], lr=lr)
     with torch.enable_grad():
         for _ in range(epochs):
@@ -254,6 +269,30 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, epochs: int
     return w_raw, float(b.detach() - mu @ w_raw)
 
 
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, l2: float = 1e-2, epochs: int = 300,
+            lr: float = 3e-3, seed: int = 0, weight: torch.Tensor | None = None
+            ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, float]:
+    """A one-hidden-layer ReLU classifier on ``(N, K)`` inputs, each feature standardised, balanced
+    classes, Adam full batch with weight decay ``l2``; returns ``((W1 (H, K), b1 (H,)), w2 (H,), b2)``
+    that apply to the *raw* inputs (the standardisation folded into ``W1``, ``b1``)."""
+    torch.manual_seed(seed)
+    weight = None if weight is None else weight.float()
+    mu, scale = _standardise(x, weight, per_feature=True)
+    z = (x - mu) / scale
+    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    pos_weight, row = _balance(y, weight)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=l2)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            opt.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(net(z)[:, 0], y.float(), weight=row,
+                                                           pos_weight=pos_weight).backward()
+            opt.step()
+    w1, b1 = net[0].weight.detach() / scale, net[0].bias.detach()
+    b1 = b1 - w1 @ mu
+    return (w1, b1), net[2].weight.detach()[0], float(net[2].bias.detach())
+
+
 def threshold_for(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float) -> float:
     """The lowest threshold (highest TPR on ``pos``) whose false-positive rate on ``neg`` is at most ``max_fpr``."""
     neg = neg.sort().values
@@ -261,38 +300,44 @@ def threshold_for(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float) -> float
     return float(neg[len(neg) - 1 - k]) if k < len(neg) else float(neg[0]) - 1.0
 
 
-def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder,
+def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAutoencoder | None,
              prompts: dict[str, list[str]], *, pools: Sequence[Sequence[str]] = (("mean", "tail:6"),),
              l2: Sequence[float] = (1e-2,), max_fpr: float = 0.02,
-             group_fpr: Mapping[str, float] | None = GROUP_MAX_FPR, batch_size: int = 32) -> PromptGate:
-    """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets for every pair of ``pools`` (each a
-    tuple of pools) and ``l2``, and keep the one with the highest true-positive rate on the
-    validation harmful prompts at its threshold (the first on ties). Validation rates of every
-    candidate go in the gate's metadata. With a :class:`GatePrompts`, the false-positive budget
-    holds on each harmless validation set (``group_fpr``, else ``max_fpr``), training sets get
-    their :attr:`GatePrompts.weights`, and the sets are recorded."""
+             group_fpr: Mapping[str, float] | None = GROUP_MAX_FPR, batch_size: int = 32,
+             hidden: Sequence[int] = (0,)) -> PromptGate:
+    """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets for every combination of ``pools``
+    (each a tuple of pools), ``l2`` and ``hidden`` (0: logistic regression; H: one hidden ReLU
+    layer of width H, :func:`fit_mlp`), and keep the one with the highest true-positive rate on
+    the validation harmful prompts at its threshold (the first on ties). ``sae=None``: the gate
+    reads the residual stream at ``point`` itself (``reads="residual"``), each feature standardised.
+    Validation rates of every candidate go in the gate's metadata. With a :class:`GatePrompts`, the
+    false-positive budget holds on each harmless validation set (``group_fpr``, else ``max_fpr``),
+    training sets get their :attr:`GatePrompts.weights`, and the sets are recorded."""
     union = tuple(dict.fromkeys(q for p in pools for q in p))
     feats = {k: prompt_features(model, tokenizer, point, sae, v, union, batch_size) for k, v in prompts.items()}
-    return choose_gate(feats, union, pools, l2, point.name, sae.cfg.hook_name, max_fpr=max_fpr,
-                       groups=getattr(prompts, "groups", None), group_fpr=group_fpr,
-                       sources=getattr(prompts, "sources", None), weights=getattr(prompts, "weights", None))
+    return choose_gate(feats, union, pools, l2, point.name, None if sae is None else sae.cfg.hook_name,
+                       max_fpr=max_fpr, groups=getattr(prompts, "groups", None), group_fpr=group_fpr,
+                       sources=getattr(prompts, "sources", None), weights=getattr(prompts, "weights", None),
+                       reads="sae" if sae is not None else "residual", hidden=hidden)
 
 
 def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Sequence[Sequence[str]],
                 l2: Sequence[float], hook_name: str, sae_ref: str | None = None, *,
                 max_fpr: float = 0.02, groups: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
                 group_fpr: Mapping[str, float] | None = None,
-                sources: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None) -> PromptGate:
+                sources: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None,
+                reads: str = "sae", hidden: Sequence[int] = (0,)) -> PromptGate:
     """:func:`fit_gate`'s choice from features pooled by every pool of ``union`` (``(N, len(union), F)``)."""
     best, tried = None, []
     for p in pools:
         idx = [list(union).index(q) for q in p]
         sub = {k: v[:, idx] for k, v in feats.items()}
-        for reg in l2:
+        for reg, width in itertools.product(l2, hidden):
             gate = gate_from_features(sub, tuple(p), hook_name, sae_ref, l2=reg, max_fpr=max_fpr,
-                                      groups=groups, group_fpr=group_fpr, sources=sources, weights=weights)
+                                      groups=groups, group_fpr=group_fpr, sources=sources, weights=weights,
+                                      reads=reads, hidden=width)
             rates = gate.metadata.extra["fire_rates"]
-            tried.append({"pools": list(p), "l2": reg, "val_harmful": rates["val_harmful"],
+            tried.append({"pools": list(p), "l2": reg, "hidden": width, "val_harmful": rates["val_harmful"],
                           "val_harmless": rates["val_harmless"]})
             if best is None or rates["val_harmful"] > best.metadata.extra["fire_rates"]["val_harmful"]:
                 best = gate
@@ -319,7 +364,8 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
                        groups: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
                        group_fpr: Mapping[str, float] | None = None,
                        sources: Mapping[str, Any] | None = None,
-                       weights: Mapping[str, float] | None = None) -> PromptGate:
+                       weights: Mapping[str, float] | None = None,
+                       reads: str = "sae", hidden: int = 0) -> PromptGate:
     """The gate of :func:`fit_gate` from already pooled ``(N, P, F)`` features of the four sets
     (``train_harmful``, ``train_harmless``, ``val_harmful``, ``val_harmless``). ``groups``
     (:attr:`GatePrompts.groups`): the threshold keeps the budget on each ``val_harmless`` group, and
@@ -339,13 +385,19 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
                 wk[a:b_] = float(weights.get(name, 1.0))
             parts.append(wk)
         row = torch.cat(parts)
-    w, b = fit_logistic(x, y, l2=l2, weight=row)
-    gate_w = w.reshape(len(pools), -1)
-    score = {k: (v * gate_w).sum((1, 2)) + b for k, v in feats.items()}
+    if hidden:
+        layer, w2, b = fit_mlp(x, y, hidden, l2=l2, weight=row)
+        gate_w = w2[None]  # (1, H)
+        score = {k: torch.relu(v.flatten(1) @ layer[0].T + layer[1]) @ w2 + b for k, v in feats.items()}
+    else:
+        layer = None
+        w, b = fit_logistic(x, y, l2=l2, weight=row, per_feature=reads == "residual")
+        gate_w = w.reshape(len(pools), -1)
+        score = {k: (v * gate_w).sum((1, 2)) + b for k, v in feats.items()}
     val_groups = (groups or {}).get("val_harmless")
     thr = threshold_for_groups(score["val_harmful"], score["val_harmless"], val_groups, max_fpr, group_fpr)
     rate = {k: round(float((v > thr).float().mean()), 4) for k, v in score.items()}
-    extra = {"pools": list(pools), "l2": l2, "max_fpr": max_fpr,
+    extra = {"pools": list(pools), "reads": reads, "hidden": hidden, "l2": l2, "max_fpr": max_fpr,
              "sizes": {k: len(v) for k, v in feats.items()}, "fire_rates": rate}
     if weights:
         extra["set_weights"] = dict(weights)
@@ -362,6 +414,7 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
     extra.update({k: (sources or {}).get(k) for k in ("train_sets", "val_sets")})  # None: not known here
     meta = GateMetadata(
         hook_name=hook_name, sae=sae_ref,
-        description="Steer only prompts this logistic detector over pooled SAE features calls harmful.",
+        description=(f"Steer only prompts this {'MLP' if hidden else 'logistic'} detector over the pooled "
+                     f"{'SAE features' if reads == 'sae' else 'residual stream'} of the prompt calls harmful."),
         extra=extra)
-    return PromptGate(gate_w, b, thr, pools, meta)
+    return PromptGate(gate_w, b, thr, pools, meta, reads=reads, hidden=layer)
