@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from steerplug._config import require_ints
+from steerplug.pipeline.refusal_vectors import REFUSAL
 from steerplug.steered_model import MANIFEST_NAME
 from steerplug.vector import VectorMetadata
 
@@ -59,12 +60,41 @@ class BundleConfig:
     """Features kept per site with positive weight (typical of compliance)."""
     n_safe: int = 32
     """Features kept per site with negative weight (typical of the model's own refusals)."""
-    gate_pools: tuple[tuple[str, ...], ...] = (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"),
-                                               ("max",), ("mean", "tail:2"))
-    """Candidate poolings of the prompt's features for the gate (chosen on the validation split)."""
-    gate_l2: tuple[float, ...] = (1e-2, 1e-1, 1.0, 3.0, 10.0)
-    """Candidate L2 strengths for the gate's logistic regression (chosen the same way). Measured on
-    SmolLM2-135M with the everyday harmless sets (benchmarks/gate_refit.py): 1.0 or 3.0 are chosen."""
+    directions: str = "fitted"
+    """The activation-addition directions: ``"fitted"``, refusal vectors fitted by teacher forcing
+    (:func:`steerplug.pipeline.refusal_vectors.fit_refusal_vectors`) at every ``caa_depths`` layer
+    and SAE layer; ``"contrast"``, the directions that brought out the model's own refusals
+    (refusal minus compliance prefixes). Measured on SmolLM2-135M: the contrast directions give
+    declines that loop and invent contexts (9 clean refusals of 195 labelled answers); the fitted
+    ones gave the target refusal on 99 of 99 validation harmful prompts."""
+    refusal_target: str = REFUSAL
+    """The refusal the fitted vectors are trained to produce (then the end of turn)."""
+    refusal_steps: int = 21
+    """Adam steps (of 12 prompts) fitting the vectors, on own ``harmful_train`` + ``harmful_train``."""
+    strengths: tuple[float, ...] = (0.5, 1.0, 1.5)
+    """Candidate ``lr`` (scale of the added vectors, ``positions="generated"``) for fitted directions,
+    tried ungated on ``n_val`` validation harmful prompts: the smallest whose clean-refusal rate
+    (:class:`~steerplug.judge.ReaderJudge`) is within 2 points of the best is written into the
+    manifest; every candidate's rates are recorded."""
+    n_val: int = 48
+    """Validation harmful prompts (half ``harmful_val``, half own ``harmful_val``) for the strength."""
+    gate_reads: str = "residual"
+    """What the gate reads: ``"residual"``, the residual stream at ``gate_depth``; ``"sae"``, the
+    first SAE's features. Measured on SmolLM2-135M (benchmarks/gate_resid_probe.py): at the 1%
+    everyday budget, validation TPR 0.79 (linear) / 0.82 (MLP) on the block-17 residual, 0.66 on
+    the layer-15 SAE's features."""
+    gate_depth: float = 0.57
+    """Layer of a residual gate as a fraction of the depth (block 17 of SmolLM2's 30)."""
+    gate_hidden: tuple[int, ...] = (0, 256)
+    """Candidate hidden widths of the gate (0: logistic regression), chosen on validation."""
+    gate_pools: tuple[tuple[str, ...], ...] | None = None
+    """Candidate poolings of the prompt's features for the gate (chosen on the validation split);
+    None: ``(mean, tail:1)``, ``(mean, tail:2)`` for a residual gate, and for an SAE gate
+    ``(mean, tail:6)``, ``(mean, max)``, ``(mean, tail:6, max)``, ``(max,)``, ``(mean, tail:2)``."""
+    gate_l2: tuple[float, ...] | None = None
+    """Candidate L2 strengths (chosen the same way); None: ``(1e-3, 1e-2)`` for a residual gate
+    (weight decay of the MLP), ``(1e-2, 1e-1, 1, 3, 10)`` for an SAE gate. Measured on SmolLM2-135M
+    with the everyday harmless sets (benchmarks/gate_refit.py): an SAE gate takes 1.0 or 3.0."""
     gate_max_fpr: float = 0.02
     """False-positive budget of the gate on each harmless validation set (``harmless_val`` and its
     rewordings); the everyday ones (AlpacaEval val, ``everyday_val``) get the tighter
@@ -72,17 +102,30 @@ class BundleConfig:
     gate_harmless: int = 3000
     """``harmless_train`` (and ``harmless_val``) prompts for the gate (the other gate sets are used whole)."""
     steering: dict[str, Any] = field(default_factory=lambda: {
-        "method": "add", "steps": 1, "lr": 0.3, "normalize": False, "max_delta": None, "positions": "all",
+        "method": "add", "steps": 1, "lr": 1.0, "normalize": False, "max_delta": None, "positions": "generated",
         "use_gate": True})
-    """The configuration written into the manifest (what ``from_pretrained`` steers with). Measured
-    on SmolLM2-135M (61 validation harmful prompts, ungated, strict judge): activation addition of
-    the refusal directions at 0.3 per layer, 90% refusals, 98% coherent; the ``target`` method (lr
-    0.5-4) and gradient steering (lr 0.1-0.5) at the layer-15 SAE, 0-4%."""
+    """The configuration written into the manifest (what ``from_pretrained`` steers with); with
+    fitted directions its ``lr`` is the one chosen from ``strengths``. Measured on SmolLM2-135M
+    (61 validation harmful prompts, ungated, strict judge), before the fitted directions: the
+    ``target`` method (lr 0.5-4) and gradient steering (lr 0.1-0.5) at the layer-15 SAE, 0-4% refusals."""
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        require_ints(self, ("n_prompts", "n_choose", "gate_harmless", "max_new_tokens"))
+        require_ints(self, ("n_prompts", "n_choose", "gate_harmless", "max_new_tokens", "refusal_steps", "n_val"))
         require_ints(self, ("n_harmful", "n_safe"), minimum=0)
+        if self.directions not in ("fitted", "contrast"):
+            raise ValueError(f"directions={self.directions!r}: expected 'fitted' or 'contrast'.")
+        if self.gate_reads not in ("residual", "sae"):
+            raise ValueError(f"gate_reads={self.gate_reads!r}: expected 'residual' or 'sae'.")
+        if self.directions == "fitted" and not self.strengths:
+            raise ValueError("Fitted directions need at least one candidate strength in strengths.")
+        residual = self.gate_reads == "residual"
+        if self.gate_pools is None:
+            self.gate_pools = ((("mean", "tail:1"), ("mean", "tail:2")) if residual else
+                               (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"), ("max",),
+                                ("mean", "tail:2")))
+        if self.gate_l2 is None:
+            self.gate_l2 = (1e-3, 1e-2) if residual else (1e-2, 1e-1, 1.0, 3.0, 10.0)
 
 
 @torch.no_grad()
@@ -155,20 +198,75 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
     # minus forced compliance prefixes). Measured on SmolLM2-135M, the mean over the own answers'
     # tokens (refusal minus compliance) at the same scale mostly yields "I'm ready to assist you":
     # it carries the answers' style more than the decision to decline.
-    directions = own.directions if own.directions is not None else caa_directions(
-        model, tokenizer, caa_points, own.refusals, own.compliant)
+    steering, fitted = dict(cfg.steering), None
+    if cfg.directions == "fitted":
+        fitted = fitted_directions(model, tokenizer, caa_points, saes, points, sites, out, cfg, data_dir)
+        directions, steering["lr"] = fitted["directions"], fitted["chosen_lr"]
+        del fitted["directions"]
+    else:
+        directions = own.directions if own.directions is not None else caa_directions(
+            model, tokenizer, caa_points, own.refusals, own.compliant)
     save_file({k: v.contiguous() for k, v in directions.items()}, str(out / CAA_NAME))
-    gate = fit_gate(model, tokenizer, points[0], saes[0], gate_prompts(data_dir, cfg.gate_harmless),
-                    pools=cfg.gate_pools, l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr)
-    gate.metadata.sae = sites[0]["sae"]
+    prompts = gate_prompts(data_dir, cfg.gate_harmless)
+    if cfg.gate_reads == "residual":
+        gate_point = resolve_hook_point(model, f"blocks.{min(blocks - 1, round(cfg.gate_depth * blocks))}.hook_resid_post")
+        gate = fit_gate(model, tokenizer, gate_point, None, prompts, pools=cfg.gate_pools, l2=cfg.gate_l2,
+                        max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
+    else:
+        gate = fit_gate(model, tokenizer, points[0], saes[0], prompts, pools=cfg.gate_pools, l2=cfg.gate_l2,
+                        max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
+        gate.metadata.sae = sites[0]["sae"]
     gate.save_pretrained(out / "gate")
     (out / "own_answers.json").write_text(json.dumps(
         {"report": own.report, "refusals": own.refusals, "compliant": own.compliant}, indent=1))
-    manifest = {"sites": sites, "gate": "gate", "caa": CAA_NAME, "steering": cfg.steering,
+    manifest = {"sites": sites, "gate": "gate", "caa": CAA_NAME, "steering": steering,
                 "built": {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
-                          "own_answers": own.report, "gate": gate.metadata.extra}}
+                          "own_answers": own.report, "directions": fitted or {"kind": "contrast"},
+                          "gate": gate.metadata.extra}}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str))
     return out
+
+
+def fitted_directions(model: Any, tokenizer: Any, caa_points: list, saes: list, points: list, sites: list,
+                      out: Path, cfg: BundleConfig, data_dir: str | None) -> dict[str, Any]:
+    """Refusal vectors fitted at ``caa_points`` (:func:`~steerplug.pipeline.refusal_vectors.fit_refusal_vectors`
+    on own ``harmful_train`` + the first 300 of ``harmful_train``) and the strength chosen from
+    ``cfg.strengths`` on validation harmful prompts: ``{"directions", "chosen_lr", "sweep", ...}``."""
+    from steerplug.data import load_prompts
+    from steerplug.judge import ReaderJudge
+    from steerplug.pipeline.gate import gate_set
+    from steerplug.pipeline.refusal_vectors import fit_refusal_vectors
+    from steerplug.pipeline.refusals import generate
+    from steerplug.steered_model import SteeredModel
+    from steerplug.steering import SteeringConfig
+    from steerplug.vector import SteeringVector
+
+    train = list(dict.fromkeys(gate_set("own_harmful_train", data_dir)
+                               + [p.text for p in load_prompts("harmful_train", data_dir)][:300]))
+    t0 = time.perf_counter()
+    directions, losses = fit_refusal_vectors(model, tokenizer, caa_points, train, target=cfg.refusal_target,
+                                             steps=cfg.refusal_steps)
+    fit_s = time.perf_counter() - t0
+    half = cfg.n_val // 2
+    val = ([p.text for p in load_prompts("harmful_val", data_dir)][:cfg.n_val - half]
+           + gate_set("own_harmful_val", data_dir)[:half])
+    vectors = [SteeringVector.from_pretrained(out / site["vector"]) for site in sites]
+    judge, sweep = ReaderJudge(), []
+    for lr in cfg.strengths:
+        config = SteeringConfig(**{**cfg.steering, "lr": lr, "use_gate": False})
+        steered = SteeredModel(model, tokenizer, saes, vectors, config=config, directions=directions)
+        answers = generate(steered, tokenizer, val, max_new_tokens=cfg.max_new_tokens)
+        reads = [judge.read(q, a) for q, a in zip(val, answers)]
+        sweep.append({"lr": lr, "clean": round(sum(r.clean for r in reads) / len(reads), 4),
+                      "declines": round(sum(r.declines for r in reads) / len(reads), 4),
+                      "looping": round(sum(r.looping for r in reads) / len(reads), 4),
+                      "samples": [[q, a] for q, a in list(zip(val, answers))[:3]]})
+    best = max(r["clean"] for r in sweep)
+    chosen = next(r["lr"] for r in sweep if r["clean"] >= best - 0.02)
+    return {"kind": "fitted", "directions": directions, "chosen_lr": chosen, "sweep": sweep,
+            "rule": "smallest lr whose clean-refusal rate (ReaderJudge, ungated) is within 0.02 of the best",
+            "val_prompts": len(val), "train_prompts": len(train), "target": cfg.refusal_target,
+            "loss": [round(losses[0], 4), round(losses[-1], 4)], "fit_seconds": round(fit_s, 1)}
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -183,6 +281,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra residual layers for refusals and activation addition, as fractions of the depth")
     p.add_argument("--n-harmful", type=int, default=d.n_harmful)
     p.add_argument("--n-safe", type=int, default=d.n_safe)
+    p.add_argument("--directions", choices=("fitted", "contrast"), default=d.directions,
+                   help="activation-addition directions: fitted refusal vectors, or refusal-minus-compliance contrasts")
+    p.add_argument("--strengths", type=float, nargs="+", default=list(d.strengths),
+                   help="candidate lr for fitted directions (chosen on validation harmful prompts)")
+    p.add_argument("--refusal-steps", type=int, default=d.refusal_steps)
+    p.add_argument("--gate-reads", choices=("residual", "sae"), default=d.gate_reads)
+    p.add_argument("--gate-hidden", type=int, nargs="+", default=list(d.gate_hidden),
+                   help="candidate hidden widths of the gate (0: logistic regression)")
     p.add_argument("--gate-max-fpr", type=float, default=d.gate_max_fpr)
     p.add_argument("--gate-harmless", type=int, default=d.gate_harmless)
     p.add_argument("--steering", type=json.loads, default=None,
@@ -200,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BundleConfig(n_prompts=args.n_prompts, bootstrap_scale=args.bootstrap_scale,
                        caa_depths=tuple(args.caa_depths), n_harmful=args.n_harmful,
                        n_safe=args.n_safe, gate_max_fpr=args.gate_max_fpr, gate_harmless=args.gate_harmless,
+                       directions=args.directions, strengths=tuple(args.strengths), refusal_steps=args.refusal_steps,
+                       gate_reads=args.gate_reads, gate_hidden=tuple(args.gate_hidden),
                        steering={**d.steering, **(args.steering or {})})
     model, tok = load_model(args.model)
     model.eval()

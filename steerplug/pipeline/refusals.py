@@ -99,8 +99,9 @@ def added(points: list[HookPoint], directions: dict[str, torch.Tensor], scale: f
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
              batch_size: int = 32, system: str | None = None) -> list[str]:
-    """Greedy answers to user messages (batched, left padding), in the order given."""
-    device = next(model.parameters()).device
+    """Greedy answers to user messages (batched, left padding), in the order given; ``model``
+    may be a :class:`~steerplug.SteeredModel`."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
     texts = chat_texts(tokenizer, prompts, system)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
