@@ -208,9 +208,22 @@ def _manifest_section(info: CardInfo) -> list[str]:
     gate = built.get("gate") or {}
     facts = [f"- steering: `{json.dumps(man.get('steering', {}))}`"]
     if man.get("caa"):
-        facts.append(f"- activation-addition directions: `{man['caa']}`")
+        d = built.get("directions") or {}
+        how = ""
+        if d.get("kind") == "fitted":
+            sweep = ", ".join(f"lr {r['lr']}: {r['clean']:.0%} clean, {r['looping']:.0%} looping"
+                              for r in d.get("sweep", []))
+            how = (f" (fitted to answer {d.get('target')!r}; strength lr {d.get('chosen_lr')} chosen on "
+                   f"{d.get('val_prompts')} validation harmful prompts: {sweep})")
+        facts.append(f"- activation-addition directions: `{man['caa']}`{how}")
     if man.get("gate"):
-        facts.append(f"- gate: `{man['gate']}`, pools {gate.get('pools')}, fire rates {gate.get('fire_rates')}")
+        reads = gate.get("reads", "sae")
+        kind = f"MLP ({gate['hidden']} hidden)" if gate.get("hidden") else "logistic"
+        facts.append(f"- gate: `{man['gate']}`, {kind} on the {'residual stream' if reads == 'residual' else 'SAE features'}, "
+                     f"pools {gate.get('pools')}, fire rates {gate.get('fire_rates')}")
+        if gate.get("group_fire_rates"):
+            val = {k.split("/", 1)[1]: v for k, v in gate["group_fire_rates"].items() if k.startswith("val_")}
+            facts.append(f"- gate fire rates per validation set: {val}")
     if built.get("seconds"):
         facts.append(f"- built in {built['seconds']} s")
     return lines + [""] + facts + [""]

@@ -71,13 +71,17 @@ class BundleConfig:
     """The refusal the fitted vectors are trained to produce (then the end of turn)."""
     refusal_steps: int = 21
     """Adam steps (of 12 prompts) fitting the vectors, on own ``harmful_train`` + ``harmful_train``."""
-    strengths: tuple[float, ...] = (0.5, 1.0, 1.5)
+    strengths: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)
     """Candidate ``lr`` (scale of the added vectors, ``positions="generated"``) for fitted directions,
     tried ungated on ``n_val`` validation harmful prompts: the smallest whose clean-refusal rate
-    (:class:`~steerplug.judge.ReaderJudge`) is within 2 points of the best is written into the
-    manifest; every candidate's rates are recorded."""
-    n_val: int = 48
-    """Validation harmful prompts (half ``harmful_val``, half own ``harmful_val``) for the strength."""
+    (:class:`~steerplug.judge.ReaderJudge`) is within one point of the best is written into the
+    manifest; every candidate's rates are recorded. Measured on SmolLM2-135M: chosen on
+    ``harmful_val`` and own ``harmful_val`` alone, lr 0.5 (100% clean there) left 8 of 239 HarmBench
+    test requests that the gate fired on answered, mostly copyright ("Generate the lyrics of ..."),
+    hence HarmBench val in the choice."""
+    n_val: int = 90
+    """Validation harmful prompts for the strength: a third each of ``harmful_val``, own
+    ``harmful_val`` and HarmBench val."""
     gate_reads: str = "residual"
     """What the gate reads: ``"residual"``, the residual stream at ``gate_depth``; ``"sae"``, the
     first SAE's features. Measured on SmolLM2-135M (benchmarks/gate_resid_probe.py): at the 1%
@@ -247,9 +251,10 @@ def fitted_directions(model: Any, tokenizer: Any, caa_points: list, saes: list, 
     directions, losses = fit_refusal_vectors(model, tokenizer, caa_points, train, target=cfg.refusal_target,
                                              steps=cfg.refusal_steps)
     fit_s = time.perf_counter() - t0
-    half = cfg.n_val // 2
-    val = ([p.text for p in load_prompts("harmful_val", data_dir)][:cfg.n_val - half]
-           + gate_set("own_harmful_val", data_dir)[:half])
+    third = cfg.n_val // 3
+    val = ([p.text for p in load_prompts("harmful_val", data_dir)][:third]
+           + [p.text for p in load_prompts("harmbench_val", data_dir)][:third])
+    val += gate_set("own_harmful_val", data_dir)[:cfg.n_val - len(val)]
     vectors = [SteeringVector.from_pretrained(out / site["vector"]) for site in sites]
     judge, sweep = ReaderJudge(), []
     for lr in cfg.strengths:
@@ -262,9 +267,9 @@ def fitted_directions(model: Any, tokenizer: Any, caa_points: list, saes: list, 
                       "looping": round(sum(r.looping for r in reads) / len(reads), 4),
                       "samples": [[q, a] for q, a in list(zip(val, answers))[:3]]})
     best = max(r["clean"] for r in sweep)
-    chosen = next(r["lr"] for r in sweep if r["clean"] >= best - 0.02)
+    chosen = next(r["lr"] for r in sweep if r["clean"] >= best - 0.01)
     return {"kind": "fitted", "directions": directions, "chosen_lr": chosen, "sweep": sweep,
-            "rule": "smallest lr whose clean-refusal rate (ReaderJudge, ungated) is within 0.02 of the best",
+            "rule": "smallest lr whose clean-refusal rate (ReaderJudge, ungated) is within 0.01 of the best",
             "val_prompts": len(val), "train_prompts": len(train), "target": cfg.refusal_target,
             "loss": [round(losses[0], 4), round(losses[-1], 4)], "fit_seconds": round(fit_s, 1)}
 

@@ -56,9 +56,12 @@ GATE_TEST_SETS = TEST_SETS + ("alpaca_eval_test", "everyday_test")
 :data:`GATE_PROMPT_SETS`."""
 LIMITED_SETS = ("harmless_train", "harmless_val")
 """The sets ``n_harmless`` caps (the others are small)."""
-GROUP_MAX_FPR = {"alpaca_eval_val": 0.01, "everyday_val": 0.01}
+GROUP_MAX_FPR = {"alpaca_eval_val": 0.015, "everyday_val": 0.015}
 """False-positive budgets of single harmless validation sets, where tighter than ``max_fpr``: the
-everyday sets are the gate's real use, and they are small (1% of 260 is 2 prompts)."""
+everyday sets are the gate's real use (issue #24 asks <= 2% on their test splits, so validation
+keeps a margin), and they are small (1.5% of 161 is 2 prompts). Measured on SmolLM2-135M (block-17
+residual MLP gate, cached features): pooled validation TPR 0.82 / 0.93 / 0.945 at budgets 1% / 1.5% / 2%;
+at 1% the threshold rests on one AlpacaEval prompt."""
 SET_WEIGHTS = {"alpaca_eval_train": 3.0, "everyday_train": 3.0}
 """Loss weight of each prompt of these training sets (others: 1), as if repeated: the everyday
 prompts are few (933 of ~4,900 harmless) but they are what the threshold is set by. Measured on
