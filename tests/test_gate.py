@@ -461,7 +461,7 @@ def test_the_threshold_keeps_the_budget_on_each_harmless_validation_set():
     assert float((everyday > per_set).float().mean()) <= 0.01
     assert float((alpaca > per_set).float().mean()) <= 0.02
     assert per_set == threshold_for_groups(pos, neg, {**groups, "empty": (5, 5)}, 0.02, {"everyday_val": 0.01})
-    assert GROUP_MAX_FPR["everyday_val"] <= 0.01 and GROUP_MAX_FPR["alpaca_eval_val"] <= 0.01
+    assert GROUP_MAX_FPR["everyday_val"] < 0.02 and GROUP_MAX_FPR["alpaca_eval_val"] < 0.02  # a margin under #24's 2%
 
 
 def test_choose_gate_thresholds_per_set_and_records_the_sets(tmp_path):
