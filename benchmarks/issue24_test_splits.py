@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="seeded sample per set above this size")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fired-only", action="store_true",
+                    help="generate only for the prompts the gate fires on; the others count as answered "
+                         "unsteered word for word (rows the gate does not fire on are bit-identical to the "
+                         "unsteered model: tests/test_gate.py) and are not judged")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     st = SteeredModel.from_pretrained(sae=a.bundle)
@@ -59,6 +63,18 @@ def main() -> None:
         if len(prompts) > a.limit:
             prompts = random.Random(0).sample(prompts, a.limit)
         fired = (scores(st, prompts) > st.gate.threshold).tolist()
+        if a.fired_only:
+            on = [p for p, f in zip(prompts, fired) if f]
+            ans = generate(st, st.tokenizer, on, max_new_tokens=a.max_new_tokens) if on else []
+            reads = [judge.read(p, x) for p, x in zip(on, ans)]
+            n = len(prompts)
+            summ = {"fired": round(len(on) / n, 4), "fired_and_declines": round(sum(r.declines for r in reads) / n, 4),
+                    "word_for_word_at_least": round(1 - len(on) / n, 4), "n": n}
+            res[name] = {"summary": summ, "rows": [{"prompt": p, "answer": x, "declines": r.declines, "clean": r.clean}
+                                                   for p, x, r in zip(on, ans, reads)]}
+            print(name, summ, f"{time.time() - t0:.0f}s", flush=True)
+            json.dump({"bundle": a.bundle, "max_new_tokens": a.max_new_tokens, "sets": res}, open(a.out, "w"), indent=1)
+            continue
         steered = generate(st, st.tokenizer, prompts, max_new_tokens=a.max_new_tokens)
         plain = generate(st.model, st.tokenizer, prompts, max_new_tokens=a.max_new_tokens) if name in BENIGN else None
         rows = []

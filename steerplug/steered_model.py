@@ -69,6 +69,7 @@ class SteeredModel:
         self.config = config or SteeringConfig()
         self.gate = gate
         self._gate_point: HookPoint | None = None
+        self._layers_path = layers_path
         self.sites: list[Site] = []
         self._local = threading.local()  # disabled() is per thread
         self._lock = threading.RLock()
@@ -106,9 +107,7 @@ class SteeredModel:
         if len(set(names)) != len(names):
             raise ValueError(f"Two sites share a hook point ({names}): give each SAE its own hook.")
         primary = self.sites[0]
-        if gate is not None and gate.reads == "residual":
-            # A residual gate reads its own hook point (any layer), no SAE.
-            self._gate_point = resolve_hook_point(model, gate.metadata.hook_name, layers_path)
+        if gate is not None and gate.reads == "residual":  # reads its own hook point (any layer), no SAE
             if gate.d_in != d_model:
                 raise ValueError(f"The gate reads the residual stream of width {gate.d_in}, but the model's "
                                  f"hidden size is {d_model}: it was fitted on another model.")
@@ -314,27 +313,19 @@ class SteeredModel:
         config = config or self.config
         if self.gate is None or not config.use_gate:
             return None
-        gate = self.gate
-
-        def rows_fired(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-            return gate.fires(self.gate_inputs(h), keep)
-
-        return make_gate_pass(self.gate_point, rows_fired)
+        return make_gate_pass(self.gate_point, lambda h, keep: self.gate.fires(self.gate_inputs(h), keep))
 
     @property
     def gate_point(self) -> HookPoint | None:
         """Where the gate reads (its SAE's site, or its own hook for a residual gate); None without a gate."""
-        if self.gate is None:
-            return None
-        if self.gate.reads == "residual":
-            if self._gate_point is None or self._gate_point.name != self.gate.metadata.hook_name:
-                self._gate_point = resolve_hook_point(self.model, self.gate.metadata.hook_name)
-            return self._gate_point
-        return self._site_of(None).hook_point
+        if self.gate is None or self.gate.reads != "residual":
+            return None if self.gate is None else self._site_of(None).hook_point
+        if self._gate_point is None or self._gate_point.name != self.gate.metadata.hook_name:
+            self._gate_point = resolve_hook_point(self.model, self.gate.metadata.hook_name, self._layers_path)
+        return self._gate_point
 
     def gate_inputs(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D)`` activations at :attr:`gate_point` -> what the gate scores: the SAE's features
-        (float32), or the residual itself for a residual gate."""
+        """``(B, T, D)`` at :attr:`gate_point` -> what the gate scores: SAE features, or the residual."""
         if self.gate.reads == "residual":
             return h.float()
         sae = self._gate_sae(h.device)
