@@ -8,9 +8,10 @@ configuration, in a folder with a ``steerplug.json`` manifest.
    (:func:`~steerplug.pipeline.refusals.target_vector`); the activation-addition directions are
    the ones that brought those refusals out, at every depth of ``caa_depths``, so that activation
    addition and gradient steering aim at the same refusals.
-3. The gate on the first site's SAE (:func:`steerplug.pipeline.gate.fit_gate` on
+3. The gate on the residual stream at ``gate_depth`` (or on the first site's SAE features;
+   :func:`steerplug.pipeline.gate.fit_gate` on
    :func:`~steerplug.pipeline.gate.gate_prompts`: Alpaca instructions, AlpacaEval and steerplug's
-   everyday prompts against harmful requests; thresholded per harmless validation set).
+   everyday prompts against harmful requests; thresholded per harmless validation set)).
 
 Layout::
 
@@ -212,13 +213,12 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
             model, tokenizer, caa_points, own.refusals, own.compliant)
     save_file({k: v.contiguous() for k, v in directions.items()}, str(out / CAA_NAME))
     prompts = gate_prompts(data_dir, cfg.gate_harmless)
-    if cfg.gate_reads == "residual":
-        gate_point = resolve_hook_point(model, f"blocks.{min(blocks - 1, round(cfg.gate_depth * blocks))}.hook_resid_post")
-        gate = fit_gate(model, tokenizer, gate_point, None, prompts, pools=cfg.gate_pools, l2=cfg.gate_l2,
-                        max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
-    else:
-        gate = fit_gate(model, tokenizer, points[0], saes[0], prompts, pools=cfg.gate_pools, l2=cfg.gate_l2,
-                        max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
+    residual = cfg.gate_reads == "residual"
+    gate_point = (resolve_hook_point(model, f"blocks.{min(blocks - 1, round(cfg.gate_depth * blocks))}.hook_resid_post")
+                  if residual else points[0])
+    gate = fit_gate(model, tokenizer, gate_point, None if residual else saes[0], prompts, pools=cfg.gate_pools,
+                    l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
+    if not residual:
         gate.metadata.sae = sites[0]["sae"]
     gate.save_pretrained(out / "gate")
     (out / "own_answers.json").write_text(json.dumps(
