@@ -221,6 +221,25 @@ def test_fit_mlp_and_per_feature_logistic_separate_what_a_shared_scale_cannot():
     assert ((torch.relu(x @ w1.T + b1) @ w2 + b2 > 0).long() == y).float().mean() > 0.95
 
 
+def test_fit_mlp_ensemble_is_the_mean_logit_of_its_members_and_dropout_still_separates():
+    from steerplug.pipeline.gate import fit_mlp
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(300) % 2
+    x = torch.randn(300, 6, generator=g) + 1.5 * (2 * y[:, None] - 1) * torch.tensor([1.0, 0, 0, 0, 0, 0])
+
+    def logit(p, v):
+        (w1, b1), w2, b2 = p
+        return torch.relu(v @ w1.T + b1) @ w2 + b2
+
+    kw = dict(hidden=4, l2=1e-3, epochs=60, dropout=0.2)
+    both = fit_mlp(x, y, ensemble=2, **kw)
+    assert both[0][0].shape == (8, 6) and both[1].shape == (8,)  # one layer twice as wide
+    members = [fit_mlp(x, y, seed=s, **kw) for s in (0, 1)]
+    assert torch.allclose(logit(both, x), (logit(members[0], x) + logit(members[1], x)) / 2, atol=1e-5)
+    assert not torch.allclose(logit(members[0], x), logit(members[1], x))  # the seeds differ
+    assert ((logit(both, x) > 0).long() == y).float().mean() > 0.85
+
+
 def test_target_step_moves_the_features_to_their_targets():
     sae = SparseAutoencoder.random(HIDDEN, F, "relu", seed=11)
     h = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))

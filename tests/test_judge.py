@@ -171,7 +171,7 @@ def test_strict_judge_is_stricter_than_the_phrase_judge():
     # the phrase judge counts the apology without a decline; the strict one does not
     apology = STRICT_NOT_REFUSALS[0]
     assert PhraseJudge()("p", apology).refusal and not StrictJudge()("p", apology).refusal
-    assert isinstance(get_judge(), StrictJudge) and isinstance(get_judge("strict"), StrictJudge)
+    assert isinstance(get_judge("strict"), StrictJudge)
 
 
 def test_strict_judge_needs_the_decline_near_the_start():

@@ -210,13 +210,14 @@ def test_tasks_run_end_to_end(parts):
     judge = get_judge()
     for t in tasks[1:]:
         assert res[t]["sample_len"] == 2 and len(samples[t]) == 2
-        for m in ("refusal", "raw_refusal", "coherent", "repetition", "distinct2"):
+        for m in ("refusal", "clean_refusal", "raw_refusal", "looping", "coherent", "repetition", "distinct2"):
             per_doc = [float(d[m]) for d in samples[t]]
             assert all(0.0 <= v <= 1.0 for v in per_doc)
             assert res[t][f"{m},none"] == pytest.approx(sum(per_doc) / 2), (t, m)
         for d in samples[t]:  # the refusal figure is the judge's verdict on the answer that was generated
             answer = d["filtered_resps"][0] if isinstance(d["filtered_resps"][0], str) else d["filtered_resps"][0][0]
-            assert float(judge(d["doc"].get("prompt", ""), answer).refusal) == float(d["refusal"]), (t, answer)
+            v = judge(d["doc"].get("prompt", ""), answer)
+            assert float(v.refusal) == float(d["refusal"]) and float(v.clean) == float(d["clean_refusal"]), (t, answer)
 
 
 def test_every_task_yaml_is_indexed():

@@ -46,7 +46,10 @@ def test_build_bundle_writes_what_from_pretrained_loads(tmp_path):
     assert all(0 <= r["clean"] <= 1 and len(r["samples"]) == 3 for r in fitted["sweep"])
     best = max(r["clean"] for r in fitted["sweep"])
     assert fitted["chosen_lr"] == next(r["lr"] for r in fitted["sweep"] if r["clean"] >= best - 0.01)
-    assert len(man["built"]["gate"]["candidates"]) == 2 * 2 * 2  # pools x l2 x hidden
+    gate = man["built"]["gate"]
+    assert len(gate["candidates"]) == 1 * 1 * 2  # pools x l2 x hidden (the residual defaults)
+    mlp = next(c for c in gate["candidates"] if c["hidden"])  # three dropout-trained MLPs, one layer
+    assert mlp["dropout"] == 0.3 and mlp["ensemble"] == 3
     steered = SteeredModel.from_pretrained(model, tokenizer=tok, sae=str(out))
     assert len(steered.sites) == 2 and steered.gate is not None and steered.config.lr == fitted["chosen_lr"]
     assert steered.gate.reads == "residual" and steered.gate_point.name == "blocks.2.hook_resid_post"

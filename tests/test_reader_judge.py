@@ -61,5 +61,6 @@ def test_looping_sees_near_repeats():
     assert not looping("I can't help with that. If you have another question, I'm happy to help.")
 
 
-def test_get_judge_reader():
-    assert isinstance(get_judge("reader"), ReaderJudge)
+def test_get_judge_reader_is_the_default(monkeypatch):
+    monkeypatch.delenv("STEERPLUG_JUDGE", raising=False)
+    assert isinstance(get_judge("reader"), ReaderJudge) and isinstance(get_judge(), ReaderJudge)

@@ -92,13 +92,20 @@ class BundleConfig:
     """Layer of a residual gate as a fraction of the depth (block 17 of SmolLM2's 30)."""
     gate_hidden: tuple[int, ...] = (0, 256)
     """Candidate hidden widths of the gate (0: logistic regression), chosen on validation."""
+    gate_dropout: float = 0.3
+    gate_ensemble: int = 3
+    """An MLP gate is ``gate_ensemble`` MLPs (seeds 0, 1, ...) trained with ``gate_dropout``, their
+    mean logit (one layer ``ensemble`` times wider). Measured on SmolLM2-135M (block-17 residual,
+    mean + last token, cached features, runs/g2/exp.py): validation TPR averaged over everyday
+    budgets 0.5-3% 0.907 for one MLP without dropout, 0.933 with dropout 0.3, 0.943 for three."""
     gate_pools: tuple[tuple[str, ...], ...] | None = None
     """Candidate poolings of the prompt's features for the gate (chosen on the validation split);
-    None: ``(mean, tail:1)``, ``(mean, tail:2)`` for a residual gate, and for an SAE gate
+    None: ``(mean, tail:1)`` for a residual gate (``tail:2`` and ``mean, tail:1, tail:2`` lost to it
+    on validation: 0.85 vs 0.905 TPR at the 1.5% budget), and for an SAE gate
     ``(mean, tail:6)``, ``(mean, max)``, ``(mean, tail:6, max)``, ``(max,)``, ``(mean, tail:2)``."""
     gate_l2: tuple[float, ...] | None = None
-    """Candidate L2 strengths (chosen the same way); None: ``(1e-3, 1e-2)`` for a residual gate
-    (weight decay of the MLP), ``(1e-2, 1e-1, 1, 3, 10)`` for an SAE gate. Measured on SmolLM2-135M
+    """Candidate L2 strengths (chosen the same way); None: ``(1e-3,)`` for a residual gate
+    (weight decay of the MLP; 1e-3, 1e-2 and 0.1 tied on validation), ``(1e-2, 1e-1, 1, 3, 10)`` for an SAE gate. Measured on SmolLM2-135M
     with the everyday harmless sets (benchmarks/gate_refit.py): an SAE gate takes 1.0 or 3.0."""
     gate_max_fpr: float = 0.02
     """False-positive budget of the gate on each harmless validation set (``harmless_val`` and its
@@ -116,7 +123,10 @@ class BundleConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        require_ints(self, ("n_prompts", "n_choose", "gate_harmless", "max_new_tokens", "refusal_steps", "n_val"))
+        require_ints(self, ("n_prompts", "n_choose", "gate_harmless", "max_new_tokens", "refusal_steps", "n_val",
+                            "gate_ensemble"))
+        if not 0.0 <= self.gate_dropout < 1.0:
+            raise ValueError(f"gate_dropout={self.gate_dropout!r}: expected a probability in [0, 1).")
         require_ints(self, ("n_harmful", "n_safe"), minimum=0)
         if self.directions not in ("fitted", "contrast"):
             raise ValueError(f"directions={self.directions!r}: expected 'fitted' or 'contrast'.")
@@ -126,11 +136,11 @@ class BundleConfig:
             raise ValueError("Fitted directions need at least one candidate strength in strengths.")
         residual = self.gate_reads == "residual"
         if self.gate_pools is None:
-            self.gate_pools = ((("mean", "tail:1"), ("mean", "tail:2")) if residual else
+            self.gate_pools = ((("mean", "tail:1"),) if residual else
                                (("mean", "tail:6"), ("mean", "max"), ("mean", "tail:6", "max"), ("max",),
                                 ("mean", "tail:2")))
         if self.gate_l2 is None:
-            self.gate_l2 = (1e-3, 1e-2) if residual else (1e-2, 1e-1, 1.0, 3.0, 10.0)
+            self.gate_l2 = (1e-3,) if residual else (1e-2, 1e-1, 1.0, 3.0, 10.0)
 
 
 @torch.no_grad()
@@ -158,7 +168,8 @@ def caa_directions(model: Any, tokenizer: Any, points: list, refusals: list, com
 def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out: str | Path,
                  cfg: BundleConfig | None = None, data_dir: str | None = None, judge: Any = None) -> Path:
     """Build the bundle of the module docstring in ``out``; the first SAE's site hosts the gate.
-    ``judge``: what tells refusals from compliance (default: :class:`~steerplug.judge.StrictJudge`)."""
+    ``judge``: what tells refusals from compliance for the target vector's own answers (default:
+    :class:`~steerplug.judge.ReaderJudge`, as in the strength sweep)."""
     from steerplug.data import load_prompts
     from steerplug.layers import find_blocks, resolve_hook_point
     from steerplug.pipeline.gate import fit_gate, gate_prompts
@@ -217,7 +228,8 @@ def build_bundle(model: Any, tokenizer: Any, sae_folders: list[str | Path], out:
     gate_point = (resolve_hook_point(model, f"blocks.{min(blocks - 1, round(cfg.gate_depth * blocks))}.hook_resid_post")
                   if residual else points[0])
     gate = fit_gate(model, tokenizer, gate_point, None if residual else saes[0], prompts, pools=cfg.gate_pools,
-                    l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden)
+                    l2=cfg.gate_l2, max_fpr=cfg.gate_max_fpr, hidden=cfg.gate_hidden,
+                    dropout=cfg.gate_dropout, ensemble=cfg.gate_ensemble)
     if not residual:
         gate.metadata.sae = sites[0]["sae"]
     gate.save_pretrained(out / "gate")
@@ -294,6 +306,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-reads", choices=("residual", "sae"), default=d.gate_reads)
     p.add_argument("--gate-hidden", type=int, nargs="+", default=list(d.gate_hidden),
                    help="candidate hidden widths of the gate (0: logistic regression)")
+    p.add_argument("--gate-dropout", type=float, default=d.gate_dropout, help="dropout while training an MLP gate")
+    p.add_argument("--gate-ensemble", type=int, default=d.gate_ensemble, help="MLPs averaged in an MLP gate")
     p.add_argument("--gate-max-fpr", type=float, default=d.gate_max_fpr)
     p.add_argument("--gate-harmless", type=int, default=d.gate_harmless)
     p.add_argument("--steering", type=json.loads, default=None,
@@ -313,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
                        n_safe=args.n_safe, gate_max_fpr=args.gate_max_fpr, gate_harmless=args.gate_harmless,
                        directions=args.directions, strengths=tuple(args.strengths), refusal_steps=args.refusal_steps,
                        gate_reads=args.gate_reads, gate_hidden=tuple(args.gate_hidden),
+                       gate_dropout=args.gate_dropout, gate_ensemble=args.gate_ensemble,
                        steering={**d.steering, **(args.steering or {})})
     model, tok = load_model(args.model)
     model.eval()

@@ -16,10 +16,12 @@
   way a quarter of the harmful requests do): on 27% of AlpacaEval val and 48% of ``everyday_val``
   (75% of its look-alikes). Fitted on these sets, with the per-set budgets below, 0.6% and 0.8%,
   at the cost of harmful-prompt recall (validation TPR 0.66 against 0.93).
-* Features: the SAE's features of the chat-formatted prompt, pooled (:func:`steerplug.gate.pool_features`).
-* Model: L2-regularised logistic regression on the pooled features divided by one shared scale
-  (sparse codes: a per-feature scale blows up rare latents), classes balanced; the scale is
-  folded into the weights, so the gate reads raw features.
+* Features: the residual stream at one layer (``sae=None``: ``reads="residual"``, each feature
+  standardised) or the SAE's features (divided by one shared scale: a per-feature scale blows up
+  rare latents) of the chat-formatted prompt, pooled (:func:`steerplug.gate.pool_features`).
+* Model: L2-regularised logistic regression, or a one-hidden-layer ReLU MLP (:func:`fit_mlp`;
+  dropout while training, several seeds averaged into one wider layer), classes balanced; the
+  scaling is folded into the weights, so the gate reads raw features.
 * Threshold: the highest true-positive rate on the validation harmful prompts whose false-positive
   rate is at most the budget on *each* harmless validation set separately (``max_fpr``, and
   :data:`GROUP_MAX_FPR` for the everyday sets: pooled with 3,000 Alpaca instructions, the small
@@ -273,27 +275,35 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, epochs: int
 
 
 def fit_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, l2: float = 1e-2, epochs: int = 300,
-            lr: float = 3e-3, seed: int = 0, weight: torch.Tensor | None = None
-            ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, float]:
+            lr: float = 3e-3, seed: int = 0, weight: torch.Tensor | None = None, dropout: float = 0.0,
+            ensemble: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, float]:
     """A one-hidden-layer ReLU classifier on ``(N, K)`` inputs, each feature standardised, balanced
-    classes, Adam full batch with weight decay ``l2``; returns ``((W1 (H, K), b1 (H,)), w2 (H,), b2)``
-    that apply to the *raw* inputs (the standardisation folded into ``W1``, ``b1``)."""
-    torch.manual_seed(seed)
+    classes, Adam full batch with weight decay ``l2`` and ``dropout`` on the inputs and the hidden
+    layer while training; returns ``((W1 (H, K), b1 (H,)), w2 (H,), b2)`` that apply to the *raw*
+    inputs (the standardisation folded into ``W1``, ``b1``). ``ensemble`` > 1 fits that many (seeds
+    ``seed``, ``seed + 1``, ...) and returns their mean logit as one wider layer (``H * ensemble``)."""
     weight = None if weight is None else weight.float()
     mu, scale = _standardise(x, weight, per_feature=True)
     z = (x - mu) / scale
-    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
     pos_weight, row = _balance(y, weight)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=l2)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            opt.zero_grad()
-            nn.functional.binary_cross_entropy_with_logits(net(z)[:, 0], y.float(), weight=row,
-                                                           pos_weight=pos_weight).backward()
-            opt.step()
-    w1, b1 = net[0].weight.detach() / scale, net[0].bias.detach()
-    b1 = b1 - w1 @ mu
-    return (w1, b1), net[2].weight.detach()[0], float(net[2].bias.detach())
+    w1s, b1s, w2s, b2s = [], [], [], []
+    for k in range(ensemble):
+        torch.manual_seed(seed + k)
+        first, last = nn.Linear(x.shape[1], hidden), nn.Linear(hidden, 1)
+        net = nn.Sequential(nn.Dropout(dropout), first, nn.ReLU(), nn.Dropout(dropout), last)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=l2)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                opt.zero_grad()
+                nn.functional.binary_cross_entropy_with_logits(net(z)[:, 0], y.float(), weight=row,
+                                                               pos_weight=pos_weight).backward()
+                opt.step()
+        w1 = first.weight.detach() / scale
+        w1s.append(w1)
+        b1s.append(first.bias.detach() - w1 @ mu)
+        w2s.append(last.weight.detach()[0] / ensemble)
+        b2s.append(float(last.bias.detach()) / ensemble)
+    return (torch.cat(w1s), torch.cat(b1s)), torch.cat(w2s), sum(b2s)
 
 
 def threshold_for(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float) -> float:
@@ -307,11 +317,11 @@ def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAuto
              prompts: dict[str, list[str]], *, pools: Sequence[Sequence[str]] = (("mean", "tail:6"),),
              l2: Sequence[float] = (1e-2,), max_fpr: float = 0.02,
              group_fpr: Mapping[str, float] | None = GROUP_MAX_FPR, batch_size: int = 32,
-             hidden: Sequence[int] = (0,)) -> PromptGate:
+             hidden: Sequence[int] = (0,), dropout: float = 0.0, ensemble: int = 1) -> PromptGate:
     """Fit a :class:`PromptGate` on :func:`gate_prompts`' sets for every combination of ``pools``
     (each a tuple of pools), ``l2`` and ``hidden`` (0: logistic regression; H: one hidden ReLU
-    layer of width H, :func:`fit_mlp`), and keep the one with the highest true-positive rate on
-    the validation harmful prompts at its threshold (the first on ties). ``sae=None``: the gate
+    layer of width H, :func:`fit_mlp` with ``dropout`` and ``ensemble``), and keep the one with
+    the highest true-positive rate on the validation harmful prompts at its threshold (the first on ties). ``sae=None``: the gate
     reads the residual stream at ``point`` itself (``reads="residual"``), each feature standardised.
     Validation rates of every candidate go in the gate's metadata. With a :class:`GatePrompts`, the
     false-positive budget holds on each harmless validation set (``group_fpr``, else ``max_fpr``),
@@ -321,7 +331,8 @@ def fit_gate(model: nn.Module, tokenizer: Any, point: HookPoint, sae: SparseAuto
     return choose_gate(feats, union, pools, l2, point.name, None if sae is None else sae.cfg.hook_name,
                        max_fpr=max_fpr, groups=getattr(prompts, "groups", None), group_fpr=group_fpr,
                        sources=getattr(prompts, "sources", None), weights=getattr(prompts, "weights", None),
-                       reads="sae" if sae is not None else "residual", hidden=hidden)
+                       reads="sae" if sae is not None else "residual", hidden=hidden, dropout=dropout,
+                       ensemble=ensemble)
 
 
 def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Sequence[Sequence[str]],
@@ -329,7 +340,8 @@ def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Seq
                 max_fpr: float = 0.02, groups: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
                 group_fpr: Mapping[str, float] | None = None,
                 sources: Mapping[str, Any] | None = None, weights: Mapping[str, float] | None = None,
-                reads: str = "sae", hidden: Sequence[int] = (0,)) -> PromptGate:
+                reads: str = "sae", hidden: Sequence[int] = (0,), dropout: float = 0.0,
+                ensemble: int = 1) -> PromptGate:
     """:func:`fit_gate`'s choice from features pooled by every pool of ``union`` (``(N, len(union), F)``)."""
     best, tried = None, []
     for p in pools:
@@ -338,10 +350,11 @@ def choose_gate(feats: dict[str, torch.Tensor], union: Sequence[str], pools: Seq
         for reg, width in itertools.product(l2, hidden):
             gate = gate_from_features(sub, tuple(p), hook_name, sae_ref, l2=reg, max_fpr=max_fpr,
                                       groups=groups, group_fpr=group_fpr, sources=sources, weights=weights,
-                                      reads=reads, hidden=width)
+                                      reads=reads, hidden=width, dropout=dropout, ensemble=ensemble)
             rates = gate.metadata.extra["fire_rates"]
-            tried.append({"pools": list(p), "l2": reg, "hidden": width, "val_harmful": rates["val_harmful"],
-                          "val_harmless": rates["val_harmless"]})
+            tried.append({"pools": list(p), "l2": reg, "hidden": width,
+                          **({"dropout": dropout, "ensemble": ensemble} if width else {}),
+                          "val_harmful": rates["val_harmful"], "val_harmless": rates["val_harmless"]})
             if best is None or rates["val_harmful"] > best.metadata.extra["fire_rates"]["val_harmful"]:
                 best = gate
     if best is None:
@@ -368,7 +381,8 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
                        group_fpr: Mapping[str, float] | None = None,
                        sources: Mapping[str, Any] | None = None,
                        weights: Mapping[str, float] | None = None,
-                       reads: str = "sae", hidden: int = 0) -> PromptGate:
+                       reads: str = "sae", hidden: int = 0, dropout: float = 0.0,
+                       ensemble: int = 1) -> PromptGate:
     """The gate of :func:`fit_gate` from already pooled ``(N, P, F)`` features of the four sets
     (``train_harmful``, ``train_harmless``, ``val_harmful``, ``val_harmless``). ``groups``
     (:attr:`GatePrompts.groups`): the threshold keeps the budget on each ``val_harmless`` group, and
@@ -389,7 +403,7 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
             parts.append(wk)
         row = torch.cat(parts)
     if hidden:
-        layer, w2, b = fit_mlp(x, y, hidden, l2=l2, weight=row)
+        layer, w2, b = fit_mlp(x, y, hidden, l2=l2, weight=row, dropout=dropout, ensemble=ensemble)
         gate_w = w2[None]  # (1, H)
         score = {k: torch.relu(v.flatten(1) @ layer[0].T + layer[1]) @ w2 + b for k, v in feats.items()}
     else:
@@ -401,6 +415,7 @@ def gate_from_features(feats: dict[str, torch.Tensor], pools: tuple[str, ...], h
     thr = threshold_for_groups(score["val_harmful"], score["val_harmless"], val_groups, max_fpr, group_fpr)
     rate = {k: round(float((v > thr).float().mean()), 4) for k, v in score.items()}
     extra = {"pools": list(pools), "reads": reads, "hidden": hidden, "l2": l2, "max_fpr": max_fpr,
+             **({"dropout": dropout, "ensemble": ensemble} if hidden else {}),
              "sizes": {k: len(v) for k, v in feats.items()}, "fire_rates": rate}
     if weights:
         extra["set_weights"] = dict(weights)

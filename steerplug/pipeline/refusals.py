@@ -6,9 +6,9 @@ addition it writes "I'm sorry, but I'm unable to assist with ...". This module
 
 1. measures several ways of getting there on ``harmful_train`` questions (forced refusal prefixes
    of different styles, as contrastive directions added at several layers, and a safety system
-   prompt) with the strict judge, and keeps the best one (:func:`own_answers`);
-2. keeps that way's coherent refusals as the model's own refusals, and its unsteered answers that
-   comply as its own compliance;
+   prompt) with :class:`~steerplug.judge.ReaderJudge`, and keeps the best one (:func:`own_answers`);
+2. keeps that way's clean refusals (declines at once, no loop, no invented context) as the model's
+   own refusals, and its unsteered answers that do not decline as its own compliance;
 3. reads each site's SAE features over the answer positions of both (teacher-forced, unsteered),
    and builds the vector: the ``n_harmful`` features most typical of compliance (weight = their
    mean in compliance, > 0) and the ``n_safe`` most typical of refusal (weight = minus their mean
@@ -125,11 +125,11 @@ class OwnAnswers(NamedTuple):
     """The model's own refusals and compliant answers to the same kind of questions."""
 
     refusals: list[tuple[str, str]]
-    """(question, answer) pairs the strict judge calls coherent refusals."""
+    """(question, answer) pairs the judge calls clean refusals (:attr:`~steerplug.judge.Verdict.clean`)."""
     compliant: list[tuple[str, str]]
     """(question, unsteered answer) pairs with no refusal in them."""
     report: dict[str, Any]
-    """Each way of refusing tried, its strict refusal rate and coherence; the one chosen."""
+    """Each way of refusing tried, its clean-refusal rate and coherence; the one chosen."""
     directions: dict[str, torch.Tensor] | None = None
     """The chosen way's ``{hook: (D,)}`` activation-addition directions (None for the system prompt)."""
 
@@ -138,15 +138,19 @@ def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], promp
                 choose_prompts: Sequence[str], *, scale: float = 0.3, max_new_tokens: int = 48,
                 batch_size: int = 32, judge: Any = None) -> OwnAnswers:
     """Try each :data:`REFUSAL_PREFIXES` direction (added at every point, ``scale`` x) and the safety
-    system prompt on ``choose_prompts``, keep the way with the most coherent refusals (strict judge),
+    system prompt on ``choose_prompts``, keep the way with the most clean refusals (``judge``, default
+    :class:`~steerplug.judge.ReaderJudge`; a judge without a clean call: its coherent refusals),
     and answer ``prompts`` that way and unsteered."""
-    from steerplug.judge import StrictJudge
+    from steerplug.judge import ReaderJudge
 
-    judge = judge or StrictJudge()
+    judge = judge or ReaderJudge()
+
+    def good(v: Any) -> bool:
+        return bool(v.clean) if v.clean is not None else bool(v.refusal and v.coherent)
 
     def rate(answers: list[str], qs: Sequence[str]) -> dict[str, float]:
         v = [judge(q, a) for q, a in zip(qs, answers)]
-        return {"refusal": sum(x.refusal for x in v) / len(v), "coherent": sum(x.coherent for x in v) / len(v)}
+        return {"refusal": sum(good(x) for x in v) / len(v), "coherent": sum(x.coherent for x in v) / len(v)}
 
     ways: dict[str, Any] = {}
     tried: dict[str, dict[str, float]] = {}
@@ -166,7 +170,7 @@ def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], promp
         with added(points, ways[best], scale):
             steered = generate(model, tokenizer, prompts, **gen)
     plain = generate(model, tokenizer, prompts, **gen)
-    refusals = [(q, a) for q, a in zip(prompts, steered) if judge(q, a).refusal]
+    refusals = [(q, a) for q, a in zip(prompts, steered) if good(judge(q, a))]
     compliant = [(q, a) for q, a in zip(prompts, plain) if not judge(q, a).raw_refusal]
     report = {"tried": tried, "chosen": best, "scale": scale, "points": [p.name for p in points],
               "prompts": len(prompts), "refusals_kept": len(refusals), "compliant_kept": len(compliant)}
