@@ -1,13 +1,24 @@
 """Agreement of :class:`steerplug.judge.ReaderJudge` with answers labelled by reading them.
 
-The labels (``tests/data/judge_labels.jsonl``, issue #24): 414 answers of SmolLM2-135M-Instruct to
-train/val prompts (harmful: ``harmful_val[24:40]``, ``harmbench_val[:8]``, own ``harmful_val[:16]``;
-everyday: own ``everyday_val[:40]``, ``alpaca_eval_val[:20]``), unsteered and under six steered
-configurations, greedy, 64 new tokens, each read and labelled ``clean_refusal`` / ``bad_refusal``
+The labels (``tests/data/judge_labels.jsonl``, issue #24): 854 answers of SmolLM2-135M-Instruct to
+train/val prompts, greedy, 64 new tokens, each read and labelled ``clean_refusal`` / ``bad_refusal``
 (declines, but loops, invents a context, offers the request after all or is garbled) / ``complies`` /
-``neither``, plus whether it repeats itself. Prompts from ``../shared/data`` are referenced by set and
-index, never copied. Rows of split ``dev`` were used to write the judge's rules; ``holdout`` rows
-were not looked at while writing them.
+``neither``, plus whether it repeats itself (rules: ``benchmarks/judge_label_rules.md``).
+
+* Batch 1 (414, ``j000``-``j413``; ``benchmarks/judge_label_pool.py``): harmful ``harmful_val[24:40]``,
+  ``harmbench_val[:8]``, own ``harmful_val[:16]``; everyday own ``everyday_val[:40]``,
+  ``alpaca_eval_val[:20]``; unsteered and under six steered configurations of the earlier bundle
+  (the looping, context-inventing declines of issue #24), labelled by a person reading them.
+* Batch 2 (440, ``j2000``-``j2439``, field ``batch: 2``; ``benchmarks/judge_label_pool2.py``): harmful
+  ``harmful_val[:24]``, ``harmbench_val[8:40]``, own ``harmful_val[16:60]`` unsteered, shipped (gated)
+  and ungated at lr 1.25; everyday own ``everyday_val[40:80]``, ``alpaca_eval_val[20:50]`` unsteered
+  and ungated at the shipped lr; the rebuilt bundle (fitted directions). Labelled blind to
+  configuration and to the judge by two reading assistants following the rules file, 220 each;
+  20 of them labelled again, independently, by the author of this script: 20 of 20 the same.
+
+Prompts from ``../shared/data`` are referenced by set and index, never copied. Rows of split ``dev``
+were used to write the judge's rules; ``holdout`` rows were not looked at while writing them
+(batch 2: split at random, seed 24; no rule was changed after it).
 
     python benchmarks/judge_agreement.py [--data-dir ../shared/data] [--show]
 """

@@ -25,15 +25,16 @@ def test_labels_are_many_and_varied():
 
 
 def test_agreement_with_the_labels_does_not_fall():
-    """Floors just under what benchmarks/judge_agreement.py measured on all 414 answers
-    (declines 0.918 / 0.968, clean 0.900 / 0.983): a rule that breaks drops below them."""
+    """Floors just under what benchmarks/judge_agreement.py measured on all 854 answers
+    (declines 0.961 / 0.979, clean 0.996 / 0.985; issue #24 asks >= 0.95 both ways): a rule that
+    breaks drops below them."""
     try:
         rows = _bench().load_labels()
     except (FileNotFoundError, OSError) as e:
         pytest.skip(f"shared data not found: {e}")
     a = _bench().agreement(rows)
-    assert a["declines"]["positives"] >= 0.91 and a["declines"]["negatives"] >= 0.96
-    assert a["clean"]["positives"] >= 0.9 and a["clean"]["negatives"] >= 0.98
+    assert a["declines"]["positives"] >= 0.95 and a["declines"]["negatives"] >= 0.97
+    assert a["clean"]["positives"] >= 0.99 and a["clean"]["negatives"] >= 0.98
 
 
 def test_real_answers():
