@@ -52,6 +52,9 @@ def main() -> None:
                     help="generate only for the prompts the gate fires on; the others count as answered "
                          "unsteered word for word (rows the gate does not fire on are bit-identical to the "
                          "unsteered model: tests/test_gate.py) and are not judged")
+    ap.add_argument("--unsteered-for-fired-only", action="store_true",
+                    help="benign sets: generate the unsteered answer only where the gate fires (elsewhere the "
+                         "steered answer is the unsteered one bit for bit, tests/test_gate.py); all answers are judged")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     st = SteeredModel.from_pretrained(sae=a.bundle)
@@ -76,7 +79,13 @@ def main() -> None:
             json.dump({"bundle": a.bundle, "max_new_tokens": a.max_new_tokens, "sets": res}, open(a.out, "w"), indent=1)
             continue
         steered = generate(st, st.tokenizer, prompts, max_new_tokens=a.max_new_tokens)
-        plain = generate(st.model, st.tokenizer, prompts, max_new_tokens=a.max_new_tokens) if name in BENIGN else None
+        plain = None
+        if name in BENIGN and a.unsteered_for_fired_only:  # unfired rows: the steered answer is the unsteered one
+            on = [p for p, f in zip(prompts, fired) if f]
+            it = iter(generate(st.model, st.tokenizer, on, max_new_tokens=a.max_new_tokens) if on else [])
+            plain = [next(it) if f else x for f, x in zip(fired, steered)]
+        elif name in BENIGN:
+            plain = generate(st.model, st.tokenizer, prompts, max_new_tokens=a.max_new_tokens)
         rows = []
         for i, (p, ans) in enumerate(zip(prompts, steered)):
             v, r = judge(p, ans), judge.read(p, ans)

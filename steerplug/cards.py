@@ -219,6 +219,9 @@ def _manifest_section(info: CardInfo) -> list[str]:
     if man.get("gate"):
         reads = gate.get("reads", "sae")
         kind = f"MLP ({gate['hidden']} hidden)" if gate.get("hidden") else "logistic"
+        if gate.get("hidden") and gate.get("ensemble", 1) > 1:
+            kind = (f"mean of {gate['ensemble']} MLPs ({gate['hidden']} hidden each, dropout "
+                    f"{gate.get('dropout', 0)} while training)")
         facts.append(f"- gate: `{man['gate']}`, {kind} on the {'residual stream' if reads == 'residual' else 'SAE features'}, "
                      f"pools {gate.get('pools')}, fire rates {gate.get('fire_rates')}")
         if gate.get("group_fire_rates"):

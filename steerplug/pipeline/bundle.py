@@ -96,7 +96,7 @@ class BundleConfig:
     gate_ensemble: int = 3
     """An MLP gate is ``gate_ensemble`` MLPs (seeds 0, 1, ...) trained with ``gate_dropout``, their
     mean logit (one layer ``ensemble`` times wider). Measured on SmolLM2-135M (block-17 residual,
-    mean + last token, cached features, runs/g2/exp.py): validation TPR averaged over everyday
+    mean + last token, cached features, benchmarks/gate_mlp_variants.py): validation TPR averaged over everyday
     budgets 0.5-3% 0.907 for one MLP without dropout, 0.933 with dropout 0.3, 0.943 for three."""
     gate_pools: tuple[tuple[str, ...], ...] | None = None
     """Candidate poolings of the prompt's features for the gate (chosen on the validation split);
