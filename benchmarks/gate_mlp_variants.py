@@ -4,7 +4,9 @@
     python benchmarks/gate_mlp_variants.py EXPERIMENTS.py                          # run(...) lines
 
 Prints, per variant, validation TPR at everyday budgets 0.5/1/1.5/2/3% (their mean: "meanTPR") and
-at the per-set budgets of the bundle builder. Results: BENCHMARKS.md, "Issue #24: the gate".
+at the per-set budgets of the bundle builder. Results: BENCHMARKS.md, "Issue #24: the gate as three
+dropout-trained MLPs" (its two-hidden-layer row came from an earlier version of this script with
+its own dropout MLP, commit ef4a5a4; the one-layer dropout MLP is now steerplug's ``fit_mlp``).
 """
 import sys, json, time, itertools, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -35,37 +37,15 @@ def weights(W):
             wk[a:b] = float(W.get(name, 1.0))
         parts.append(wk)
     return torch.cat(parts)
-def fit_mlp_drop(x, y, hidden, l2=1e-3, epochs=300, lr=3e-3, seed=0, weight=None, drop=0.3, depth=1):
-    from steerplug.pipeline.gate import _standardise, _balance
-    import torch.nn as nn
-    torch.manual_seed(seed)
-    mu, scale = _standardise(x, weight, per_feature=True)
-    z = (x - mu) / scale
-    layers = [nn.Dropout(drop)]; d = x.shape[1]
-    for _ in range(depth):
-        layers += [nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(drop)]; d = hidden
-    net = nn.Sequential(*layers, nn.Linear(d, 1))
-    pos_weight, row = _balance(y, weight)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=l2)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            opt.zero_grad()
-            nn.functional.binary_cross_entropy_with_logits(net(z)[:, 0], y.float(), weight=row, pos_weight=pos_weight).backward()
-            opt.step()
-    net.eval()
-    return lambda v: net((v - mu) / scale)[:, 0].detach()
-def run(tag, layers=(18,), pools=("mean", "tail:1"), hidden=256, l2=1e-3, seeds=(0,), W=SET_WEIGHTS, epochs=300, lr=3e-3, budgets=(0.015, 0.01), drop=None, depth=1):
+def run(tag, layers=(18,), pools=("mean", "tail:1"), hidden=256, l2=1e-3, seeds=(0,), W=SET_WEIGHTS, epochs=300, lr=3e-3, budgets=(0.015, 0.01), drop=0.0):
     t = time.time()
     F = feats(layers, pools)
     x = torch.cat([F["train_harmful"], F["train_harmless"]]); y = torch.cat([torch.ones(len(F["train_harmful"])), torch.zeros(len(F["train_harmless"]))])
     row = weights(W)
     sc = {k: 0 for k in F}
     for s in seeds:
-        if drop is not None:
-            f = fit_mlp_drop(x, y, hidden, l2=l2, weight=row, seed=s, epochs=epochs, lr=lr, drop=drop, depth=depth)
-            for k, v in F.items(): sc[k] = sc[k] + f(v) / len(seeds)
-        elif hidden:
-            (w1, b1), w2, b2 = fit_mlp(x, y, hidden, l2=l2, weight=row, seed=s, epochs=epochs, lr=lr)
+        if hidden:
+            (w1, b1), w2, b2 = fit_mlp(x, y, hidden, l2=l2, weight=row, seed=s, epochs=epochs, lr=lr, dropout=drop)
             for k, v in F.items(): sc[k] = sc[k] + (torch.relu(v @ w1.T + b1) @ w2 + b2) / len(seeds)
         else:
             w, b = fit_logistic(x, y, l2=l2, weight=row, per_feature=True, seed=s)

@@ -11,33 +11,14 @@ labels were then written by reading each answer, blind to its configuration.
 import json, time, torch
 from steerplug import SteeredModel
 from steerplug.data import load_prompts
-from steerplug.pipeline.refusals import chat_texts
+from steerplug.pipeline.refusals import generate
 torch.set_num_threads(2)
 st = SteeredModel.from_pretrained()
 tok = st.tokenizer
 
 
-@torch.no_grad()
-def generate(st, tok, prompts, max_new_tokens=64, batch_size=32):
-    texts = chat_texts(tok, prompts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [""] * len(texts)
-    tok.padding_side = "left"
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = st.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        for j, i in enumerate(idx):
-            out[i] = tok.decode(gen[j, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
 def gen_ov(prompts, ov):
-    from dataclasses import replace
-    old = st.config
-    st.config = replace(old, **ov)
-    try:
-        return generate(st, tok, prompts, max_new_tokens=64, batch_size=32)
-    finally:
-        st.config = old
+    return generate(st, tok, prompts, max_new_tokens=64, steering=ov)
 
 dirs = torch.load("runs/dirs.pt")
 shipped = {s.hook_point.name: s.direction for s in st.sites}

@@ -8,17 +8,14 @@ and steered ungated at the shipped lr (what a gate false fire gives).
 """
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_label_pool_common import generate_with  # noqa: E402
-
-from steerplug import SteeredModel  # noqa: E402
-from steerplug.data import load_prompts  # noqa: E402
+from steerplug import SteeredModel
+from steerplug.data import load_prompts
+from steerplug.pipeline.refusals import generate
 
 torch.set_num_threads(2)
 st = SteeredModel.from_pretrained()
@@ -50,7 +47,7 @@ for items, kind, configs in groups:
     ps = [p for p, _ in items]
     for cname, ov in configs.items():
         t = time.time()
-        ans = generate_with(st, ps, ov)
+        ans = generate(st, st.tokenizer, ps, max_new_tokens=64, steering=ov)
         print(kind, cname, f"{time.time() - t:.0f}s", flush=True)
         rows += [{"prompt_ref": ref, "kind": kind, "config": cname, "answer": a, "prompt": p}
                  for (p, ref), a in zip(items, ans)]

@@ -108,12 +108,11 @@ def judge():
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """Refusal, clean refusal, raw refusal, looping, coherence and fluency of one answer (module docstring)."""
-    from steerplug.judge import looping
+    from steerplug.judge import good_and_looping
 
     answer = results[0]
     v = judge()(doc["prompt"], answer)
-    clean = v.clean if v.clean is not None else v.refusal and v.coherent
-    loops = v.looping if v.looping is not None else looping(answer)
+    clean, loops = good_and_looping(v, answer)
     return {"refusal": float(v.refusal), "clean_refusal": float(clean), "raw_refusal": float(v.raw_refusal),
             "looping": float(loops), "coherent": float(v.coherent), "repetition": v.repetition,
             "distinct2": v.distinct2}

@@ -98,9 +98,11 @@ def added(points: list[HookPoint], directions: dict[str, torch.Tensor], scale: f
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
-             batch_size: int = 32, system: str | None = None) -> list[str]:
+             batch_size: int = 32, system: str | None = None,
+             steering: dict[str, Any] | None = None) -> list[str]:
     """Greedy answers to user messages (batched, left padding), in the order given; ``model``
-    may be a :class:`~steerplug.SteeredModel`."""
+    may be a :class:`~steerplug.SteeredModel`, and ``steering`` its per-call overrides
+    (``{"lr": 1.25, "use_gate": False}``)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     texts = chat_texts(tokenizer, prompts, system)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -113,7 +115,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_ne
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, **(steering or {}))
             for j, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
@@ -141,16 +143,14 @@ def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], promp
     system prompt on ``choose_prompts``, keep the way with the most clean refusals (``judge``, default
     :class:`~steerplug.judge.ReaderJudge`; a judge without a clean call: its coherent refusals),
     and answer ``prompts`` that way and unsteered."""
-    from steerplug.judge import ReaderJudge
+    from steerplug.judge import ReaderJudge, good_and_looping
 
     judge = judge or ReaderJudge()
 
-    def good(v: Any) -> bool:
-        return bool(v.clean) if v.clean is not None else bool(v.refusal and v.coherent)
-
     def rate(answers: list[str], qs: Sequence[str]) -> dict[str, float]:
-        v = [judge(q, a) for q, a in zip(qs, answers)]
-        return {"refusal": sum(good(x) for x in v) / len(v), "coherent": sum(x.coherent for x in v) / len(v)}
+        v = [(judge(q, a), a) for q, a in zip(qs, answers)]
+        return {"refusal": sum(good_and_looping(x, a)[0] for x, a in v) / len(v),
+                "coherent": sum(x.coherent for x, _ in v) / len(v)}
 
     ways: dict[str, Any] = {}
     tried: dict[str, dict[str, float]] = {}
@@ -170,7 +170,7 @@ def own_answers(model: nn.Module, tokenizer: Any, points: list[HookPoint], promp
         with added(points, ways[best], scale):
             steered = generate(model, tokenizer, prompts, **gen)
     plain = generate(model, tokenizer, prompts, **gen)
-    refusals = [(q, a) for q, a in zip(prompts, steered) if good(judge(q, a))]
+    refusals = [(q, a) for q, a in zip(prompts, steered) if good_and_looping(judge(q, a), a)[0]]
     compliant = [(q, a) for q, a in zip(prompts, plain) if not judge(q, a).raw_refusal]
     report = {"tried": tried, "chosen": best, "scale": scale, "points": [p.name for p in points],
               "prompts": len(prompts), "refusals_kept": len(refusals), "compliant_kept": len(compliant)}

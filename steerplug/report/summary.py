@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from steerplug.judge import looping
+from steerplug.judge import good_and_looping
 from steerplug.report.methods import (BASELINE_FAMILIES, GRADIENT_FAMILIES, HARMFUL_SETS, HARMLESS_SETS,
                                       HELLASWAG_TASK)
 
@@ -29,8 +29,7 @@ def rejudge(results: list[dict[str, Any]], judge: Any) -> None:
                 continue
             for s in v["samples"]:
                 verdict = judge(s.get("context") or "", s["response"])  # context: the templated prompt
-                clean = verdict.clean if verdict.clean is not None else verdict.refusal and verdict.coherent
-                loops = verdict.looping if verdict.looping is not None else looping(s["response"])
+                clean, loops = good_and_looping(verdict, s["response"])
                 s.update(refusal=float(verdict.refusal), clean_refusal=float(clean),
                          raw_refusal=float(verdict.raw_refusal), looping=float(loops),
                          coherent=float(verdict.coherent), repetition=verdict.repetition,
