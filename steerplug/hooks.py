@@ -50,6 +50,9 @@ class CallState:
     Other rows run exactly as the unsteered model."""
     gating: bool = False
     """True while the gate's own truncated forward runs: every steering hook stands aside."""
+    gate_given: bool = False
+    """:attr:`row_on` was decided before this call (a prompt prefilled in chunks, whose gate read
+    the whole prompt first): the call's own gate pass is skipped."""
     steered_positions: int = 0
     """Running count of positions that were steered (for diagnostics and tests)."""
     isolate_rows: bool = False
@@ -87,7 +90,7 @@ def _make_call_hook(state: CallState, gate_pass: GatePass | None = None) -> Call
             return
         state.past_len = _past_length(args, kwargs)
         state.attention_mask = kwargs.get("attention_mask")
-        if gate_pass is not None and state.past_len == 0:
+        if gate_pass is not None and state.past_len == 0 and not state.gate_given:
             state.gating = True
             try:
                 state.row_on = gate_pass(module, args, kwargs, state)
@@ -107,34 +110,40 @@ def _prompt_mask(state: CallState, batch: int, seq: int, device: torch.device) -
     return keep
 
 
+def forward_to(model: nn.Module, point: HookPoint, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Run ``model(*args, **kwargs)`` only as far as ``point`` and return the activation there ``(B, T, D)``
+    (the layers after it never run; a KV cache in ``kwargs`` is filled up to it)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(h: torch.Tensor) -> None:
+        captured.append(h)
+        raise _StopForward
+
+    if point.io == "output":
+        handle = point.module.register_forward_hook(lambda m, a, o: grab(hidden_of(o)))
+    else:
+        handle = point.module.register_forward_pre_hook(
+            lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        model(*args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"The forward pass never reached {point.name}.")
+    return captured[0]
+
+
 def make_gate_pass(point: HookPoint, rows_fired: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                    ) -> GatePass:
     """A gate pass: run the model on the call's own inputs, without cache and unsteered, up to
     ``point``; return ``rows_fired(h (B, T, D), prompt_mask (B, T)) -> (B,) bool``."""
 
     def gate_pass(model: nn.Module, args: tuple, kwargs: dict, state: CallState) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-
-        def grab(h: torch.Tensor) -> None:
-            captured.append(h)
-            raise _StopForward
-
-        if point.io == "output":
-            handle = point.module.register_forward_hook(lambda m, a, o: grab(hidden_of(o)))
-        else:
-            handle = point.module.register_forward_pre_hook(
-                lambda m, a, k: grab(a[0] if a else k["hidden_states"]), with_kwargs=True)
         kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
         kw["use_cache"] = False
-        try:
-            model(*args, **kw)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"The gate's pass never reached {point.name}.")
-        h = captured[0]  # (B, T, D)
+        h = forward_to(model, point, *args, **kw)
         return rows_fired(h, _prompt_mask(state, h.shape[0], h.shape[1], h.device))
 
     return gate_pass

@@ -31,7 +31,7 @@ from typing import Any
 from steerplug.batching import BatchEngine
 from steerplug.model_args import add_steered_model_arguments, steered_model_from_args
 from steerplug.serve_api import (APIError, ChatCompletionRequest, CompletionRequest, RequestHandler, ServeConfig,
-                                 clip_text)
+                                 brief, clip_text)
 
 try:  # fastapi is optional: `pip install steerplug[serve]` (steerplug.serve_api says so first)
     from fastapi import FastAPI, Request
@@ -49,11 +49,12 @@ logger = logging.getLogger(__name__)
 
 
 class _BodyLimit:
-    """ASGI middleware: HTTP 413 for a request body over ``limit`` bytes. A ``Content-Length`` over
-    it is refused before any byte is read; a chunked body as soon as it passes the limit."""
+    """ASGI middleware: HTTP 413 for a request body over ``limit`` bytes, 408 for one that does not
+    arrive within ``timeout_s`` of the previous part. A ``Content-Length`` over the limit is refused
+    before any byte is read; a chunked body as soon as it passes the limit."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout_s: float = 10.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -62,11 +63,18 @@ class _BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await APIError(413, self._message(length.decode("latin-1")), code="body_too_large"
                                   ).response()(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
 
         async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: the disconnect a handler may wait for, untimed
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise StarletteHTTPException(408, f"The request body did not arrive within {self.timeout_s:g} s "
+                                                  "(--body-timeout-s).") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise StarletteHTTPException(413, self._message(f"over {seen}"))
@@ -109,7 +117,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         config = ServeConfig(**config_kwargs)
     elif config_kwargs:
         raise TypeError("Pass either config= or its fields as keyword arguments, not both.")
-    engine = engine or BatchEngine(steered, max_batch=config.max_batch)
+    engine = engine or BatchEngine(steered, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk)
     server = RequestHandler(steered, engine, config)
 
     @asynccontextmanager
@@ -122,7 +130,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
 
     app = FastAPI(title="steerplug", version=_version(), lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -139,7 +147,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
             if "input" in first and not isinstance(first["input"], (dict, list)):
-                message += f" (got {clip_text(repr(first['input']))})"
+                message += f" (got {brief(first['input'])})"
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -151,7 +159,7 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         logger.exception("Unhandled error")
-        return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+        return _internal(exc).response()
 
     if config.api_key:
         app.add_middleware(_ApiKey, key=config.api_key)
@@ -170,15 +178,39 @@ def create_app(steered: Any, config: ServeConfig | None = None, *, engine: Batch
         server.check_model(model_id)
         return server.model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await server.handle(body, chat=True, request=request)
+    # The bodies are parsed by the handler, off the event loop (RequestHandler.parse); the schema
+    # still shows in /docs.
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        return await _guarded(server.handle(await server.parse(request, ChatCompletionRequest), chat=True,
+                                            request=request))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await server.handle(body, chat=False, request=request)
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request):
+        return await _guarded(server.handle(await server.parse(request, CompletionRequest), chat=False,
+                                            request=request))
 
     return app
+
+
+def _internal(exc: BaseException) -> APIError:
+    return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+async def _guarded(call: Any) -> Any:
+    """``await call``, an unexpected error becoming an ordinary 500 response: one that reaches
+    Starlette's last-resort handler also closes the client's keep-alive connection."""
+    try:
+        return await call
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported as a 500 and logged
+        logger.exception("Unhandled error")
+        raise _internal(exc) from exc
+
+
+def _body_schema(model: Any) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _default_name(steered: Any) -> str:
@@ -215,9 +247,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                               ("max_steps", int, "largest per-request steering steps"),
                               ("max_choices", int, "largest n x prompts per request"),
                               ("max_strength", float, "largest per-request steering strength"),
-                              ("max_body_bytes", int, "largest request body (HTTP 413 above it)")):
+                              ("max_body_bytes", int, "largest request body (HTTP 413 above it)"),
+                              ("body_timeout_s", float, "seconds a request body may pause (HTTP 408)"),
+                              ("prefill_chunk", int, "prompt tokens per prefill pass; longer prompts go in chunks")):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"{help_} (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds to let requests in flight finish on SIGTERM (default: %(default)s)")
     p.add_argument("--log-level", default="info")
 
 
@@ -230,9 +266,13 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         max_prompt_tokens=args.max_prompt_tokens, max_concurrency=args.max_concurrency,
         max_batch=args.max_batch, max_steps=args.max_steps, max_choices=args.max_choices,
-        max_strength=args.max_strength, max_body_bytes=args.max_body_bytes)
+        max_strength=args.max_strength, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
+        prefill_chunk=args.prefill_chunk)
     app = create_app(steered, config)
     print(f"Serving {config.model_name} on http://{args.host}:{args.port}/v1 "
           f"(steering: {steered.config if steered.can_steer else 'unavailable, no SAE'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Handlers end when their client goes away, so shutdown only waits for requests in flight, and
+    # at most --shutdown-timeout seconds.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

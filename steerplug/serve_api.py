@@ -1,13 +1,11 @@
-"""The OpenAI API that ``steerplug serve`` speaks: its limits, request bodies and errors, and the
-translation between it and the batching engine.
+"""The translation between the OpenAI API that ``steerplug serve`` speaks and the batching engine.
 
-:class:`ServeConfig` holds one server's limits and defaults; the pydantic models are the bodies of
-``/v1/chat/completions`` and ``/v1/completions`` (OpenAI's fields plus ``steering``); an
-:class:`APIError` renders as OpenAI's error body. :class:`RequestHandler` turns a validated body into
-:class:`~steerplug.batching.GenerationRequest` s (steering settings checked by
+:class:`RequestHandler` turns a validated body (:mod:`steerplug.serve_schema`: limits, bodies,
+errors) into :class:`~steerplug.batching.GenerationRequest` s (steering settings checked by
 :class:`~steerplug.steering.SteeringConfig`'s own rules, then against the server's limits) and the
-engine's events into OpenAI responses and server-sent chunks. The app around it (routes,
-middleware, lifespan) and the command are :mod:`steerplug.serve`.
+engine's events into OpenAI responses and server-sent chunks. Parsing, templating and tokenizing run
+off the event loop. The app around it (routes, middleware, lifespan) and the command are
+:mod:`steerplug.serve`.
 """
 
 from __future__ import annotations
@@ -17,142 +15,24 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from steerplug.batching import BatchEngine, ErrorEvent, FinishEvent, GenerationRequest, RequestStream, TokenEvent
+from steerplug.serve_schema import (_UNSUPPORTED, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                    ServeConfig, SteeringOptions, _check_text, _Common, _error_body, brief,
+                                    clip_text, parse_body, safe_text)
 from steerplug.steering import SteeringValueError, check_steering
 
-try:  # fastapi and pydantic are optional: `pip install steerplug[serve]`
+try:  # fastapi is optional: `pip install steerplug[serve]` (steerplug.serve_schema says so first)
     from fastapi import Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from fastapi.responses import StreamingResponse
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "steerplug.serve needs fastapi and uvicorn: pip install fastapi uvicorn"
     ) from _exc
 
-
-# --- configuration ------------------------------------------------------------------------------
-@dataclass
-class ServeConfig:
-    """Limits and defaults of one server."""
-
-    model_name: str = "steerplug"
-    """The id clients pass as ``model`` and ``/v1/models`` lists."""
-    api_key: str | None = None
-    """If set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``."""
-    max_tokens: int = 512
-    """Largest ``max_tokens`` a request may ask for."""
-    default_max_tokens: int = 128
-    """``max_tokens`` when a request gives none (capped at ``max_tokens``)."""
-    max_prompt_tokens: int = 2048
-    """Longest prompt accepted, in tokens."""
-    max_concurrency: int = 64
-    """Requests in flight (running or waiting) before new ones get HTTP 429."""
-    max_batch: int = 16
-    """Rows decoded together in one forward pass."""
-    max_steps: int = 20
-    """Largest per-request steering ``steps``."""
-    max_choices: int = 16
-    """Largest ``n`` x number of prompts in one request."""
-    max_strength: float = 10.0
-    """Largest per-request steering ``strength`` (``lr``); larger values only break the activations."""
-    max_body_bytes: int = 1_000_000
-    """Largest request body; a larger one gets HTTP 413 before it is read."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_concurrency",
-                     "max_batch", "max_steps", "max_choices", "max_body_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServeConfig.{name}={value!r}: expected an integer >= 1.")
-        if not (isinstance(self.max_strength, (int, float)) and 0 < self.max_strength < float("inf")):
-            raise ValueError(f"ServeConfig.max_strength={self.max_strength!r}: expected a finite number > 0.")
-        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
-
-
-class APIError(Exception):
-    """An error with an HTTP status, rendered as OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=_error_body(
-            self.message, self.type, self.param, self.code))
-
-
-def clip_text(text: str, limit: int = 200) -> str:
-    """``text`` cut to ``limit`` characters: error messages never echo a whole oversized input."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _check_text(text: str, param: str) -> None:
-    """400 for text no tokenizer can take: a lone UTF-16 surrogate (valid JSON, invalid Unicode)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise APIError(400, f"{param}: holds a lone surrogate {text[exc.start]!r} at character {exc.start}, "
-                            "which is not valid Unicode; send the character as one code point or as a "
-                            "surrogate pair.", param=param) from None
-
-
-def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-# --- request bodies ------------------------------------------------------------------------------
-class SteeringOptions(BaseModel):
-    """The ``steering`` object of a request body: types only. A missing field takes the served
-    model's :class:`~steerplug.steering.SteeringConfig` value, and the values are checked by
-    SteeringConfig's own rules (``RequestHandler.steering``), then against :class:`ServeConfig`'s limits."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool | None = None
-    steps: int | None = None
-    strength: float | None = Field(default=None, allow_inf_nan=False)
-    """Alias of ``lr`` (SteeringConfig.lr)."""
-    lr: float | None = Field(default=None, allow_inf_nan=False)
-    positions: str | None = None
-    answer_tokens: int | None = None
-    """Steer only the positions predicting the first N answer tokens (SteeringConfig.answer_tokens).
-    Missing: the served model's value; an explicit ``null``: the whole answer."""
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logprobs: Any = None
-    steering: SteeringOptions | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+__all__ = ["APIError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "RequestHandler",
+           "ServeConfig", "SteeringOptions", "brief", "clip_text", "parse_body", "safe_text"]
 
 
 class RequestHandler:
@@ -235,6 +115,9 @@ class RequestHandler:
             batch = list(prompt)
         if not batch:
             raise APIError(400, "prompt: is empty.", param="prompt")
+        if len(batch) * body.n > self.config.max_choices:  # before any prompt is encoded
+            raise APIError(400, f"n x prompts = {len(batch) * body.n} exceeds this server's limit of "
+                                f"{self.config.max_choices} choices.", param="n")
         out = []
         vocab = len(self.tokenizer)
         for j, p in enumerate(batch):
@@ -250,13 +133,11 @@ class RequestHandler:
 
     def requests(self, body: _Common, chat: bool) -> tuple[list[GenerationRequest], dict]:
         self.check_model(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
-        extra = body.model_extra or {}
-        for name in _UNSUPPORTED:
-            value = extra.get(name)
-            if value not in (None, [], {}, "", "none", "auto", {"type": "text"}, 1):
-                raise APIError(400, f"{name} is not supported by this server.", param=name)
+        for name, trivial in _UNSUPPORTED.items():
+            value = getattr(body, name, None)
+            if value is not None and value not in trivial:
+                raise APIError(400, f"{name}={brief(value)} is not supported by this server; leave it out.",
+                               param=name)
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported by this server (use 0).", param=name)
@@ -291,9 +172,20 @@ class RequestHandler:
             raise APIError(400, str(exc)) from exc
         return reqs, steering
 
+    async def parse(self, request: Request, model: type[_Common]) -> _Common:
+        """The request's body as ``model``, parsed and validated off the event loop."""
+        raw = await request.body()
+        return await asyncio.to_thread(parse_body, raw, model)
+
+    def _prepare(self, body: _Common, chat: bool) -> tuple[list[GenerationRequest], dict, list[str] | None]:
+        reqs, steering = self.requests(body, chat)
+        echo = [self.engine.decode(r.prompt_ids) for r in reqs] if getattr(body, "echo", False) else None
+        return reqs, steering, echo
+
     # --- engine -> response --------------------------------------------------------------------------
     async def handle(self, body: _Common, chat: bool, request: Request | None = None):
-        reqs, steering = self.requests(body, chat)
+        # Templating and tokenizing run off the event loop: /health and the streams stay live.
+        reqs, steering, echo = await asyncio.to_thread(self._prepare, body, chat)
         if len(reqs) > self.config.max_concurrency:
             raise APIError(400, f"n x prompts = {len(reqs)} exceeds this server's concurrency limit of "
                                 f"{self.config.max_concurrency}: the request can never run; send fewer.",
@@ -306,7 +198,6 @@ class RequestHandler:
         streams = [self.engine.submit(r, loop) for r in reqs]
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": self.config.model_name}
-        echo = [self.engine.decode(r.prompt_ids) for r in reqs] if getattr(body, "echo", False) else None
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(streams, meta, chat, steering, include_usage, echo),
@@ -404,11 +295,6 @@ class RequestHandler:
             for t in tasks:
                 t.cancel()
 
-
-# Request fields that would change the answer's meaning and that this server does not implement;
-# a request giving them a non-trivial value gets a 400 rather than a silently different answer.
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-                "suffix", "best_of", "top_logprobs")
 
 
 def _sse(obj: dict) -> str:

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerplug.bundles import (DEFAULT_ARTIFACTS_DIRNAME, DEFAULT_ARTIFACTS_REPO, MANIFEST_NAME,
-                               STEERING_KEYS, bundle_folder, load_sae, load_vector,
-                               default_artifacts_dir, load_bundle, load_manifest)
+from steerplug.bundles import (DEFAULT_ARTIFACTS_DIRNAME, DEFAULT_ARTIFACTS_REPO, MANIFEST_NAME, STEERING_KEYS,
+                               bundle_folder, default_artifacts_dir, load_bundle, load_manifest, load_sae, load_vector)
 from steerplug.gate import PromptGate
 from steerplug.hooks import CallState, HookHandle, install_hooks, make_gate_pass, make_steer_fn
 from steerplug.layers import HookPoint, hidden_size, module_device, resolve_hook_point
@@ -255,9 +254,8 @@ class SteeredModel:
 
     def feature_objective(self, device: torch.device | str | None = None,
                           site: Site | None = None) -> FeatureObjective:
-        """The ``encode(h) . w`` objective of ``site`` (default: the primary one) on ``device``
-        (default: its layer's), built once per device and site and reused (by the hooks, and for
-        diagnostics); rebuilt when the site's SAE or vector is replaced or edited in place."""
+        """The ``encode(h) . w`` objective of ``site`` (default: the primary one) on ``device`` (default:
+        its layer's), built once per device and site; rebuilt when the site's SAE or vector changes."""
         site = self._site_of(site)
         device = torch.device(device) if device is not None else module_device(site.hook_point.module)
         key, stamp = (device, site.hook_point.name), site_stamp(site)
@@ -267,8 +265,7 @@ class SteeredModel:
         return entry[1]
 
     def refresh(self) -> None:
-        """Forget every cached objective and step function (they are also rebuilt by themselves
-        when a site's SAE, vector or direction is replaced or edited in place)."""
+        """Forget every cached objective and step function (edits to a site also rebuild them)."""
         self._objectives.clear()
         self._grad_fns.clear()
 
@@ -310,10 +307,13 @@ class SteeredModel:
 
     def gate_pass(self, config: SteeringConfig | None = None):
         """The gate's pass for the hooks (None without a gate or with ``use_gate=False``)."""
-        config = config or self.config
-        if self.gate is None or not config.use_gate:
+        if self.gate is None or not (config or self.config).use_gate:
             return None
-        return make_gate_pass(self.gate_point, lambda h, keep: self.gate.fires(self.gate_inputs(h), keep))
+        return make_gate_pass(self.gate_point, self.gate_fires)
+
+    def gate_fires(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool, the rows fired on: ``h (B, T, D)`` at :attr:`gate_point`, ``keep (B, T)`` prompt."""
+        return self.gate.fires(self.gate_inputs(h), keep)
 
     @property
     def gate_point(self) -> HookPoint | None:

@@ -37,21 +37,21 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("the model wrapper", ("steerplug.sites", "steerplug.bundles", "steerplug.steered_model", "steerplug")),
     ("pipeline, evaluation, serving", (
         "steerplug.pipeline", "steerplug.distributed", "steerplug.interventions", "steerplug.judge",
-        "steerplug.fluency", "steerplug.report", "steerplug.lm_eval_plugin", "steerplug.batching", "steerplug.serve_api",
-        "steerplug.serve", "steerplug.model_args", "steerplug.compare", "steerplug.push")),
+        "steerplug.fluency", "steerplug.report", "steerplug.lm_eval_plugin", "steerplug.batching", "steerplug.serve_schema",
+        "steerplug.serve_api", "steerplug.serve", "steerplug.model_args", "steerplug.compare", "steerplug.push")),
     ("CLI and demo", ("steerplug.cli", "steerplug.demo_utils", "steerplug.pipeline.artifacts")),
 ]
 MATHS = ("steerplug.sae_config", "steerplug.sae_formats", "steerplug.sae", "steerplug.vector",
          "steerplug.steering", "steerplug.gate")
 """Pure maths and its config: tensors and plain data in, tensors out."""
 NOT_FOR_MATHS = ("steerplug.models", "steerplug.layers", "steerplug.hooks", "steerplug.sites",
-                 "steerplug.bundles", "steerplug.steered_model", "steerplug.serve", "steerplug.serve_api",
+                 "steerplug.bundles", "steerplug.steered_model", "steerplug.serve", "steerplug.serve_api", "steerplug.serve_schema",
                  "steerplug.batching", "steerplug.cli", "steerplug.model_args", "steerplug.compare",
                  "steerplug.demo_utils", "steerplug.pipeline", "steerplug.report", "steerplug.interventions",
                  "steerplug.lm_eval_plugin", "steerplug.judge", "steerplug.push")
 """What the maths must not import, directly or through another module: a model, hooks, the
 wrapper, the server and its engine, the CLI, the demo, the pipeline, reports, evaluation."""
-SERVING = ("steerplug.serve", "steerplug.serve_api", "steerplug.batching")
+SERVING = ("steerplug.serve", "steerplug.serve_api", "steerplug.serve_schema", "steerplug.batching")
 """The server and its engine: usable without the CLI."""
 
 

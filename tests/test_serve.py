@@ -196,7 +196,11 @@ def test_sampling_is_seeded(client):
     a = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
     b = _chat(client, "Pick a word", temperature=1.0, seed=7, max_tokens=12)
     assert a.choices[0].message.content == b.choices[0].message.content
-    assert _chat(client, "Pick a word", temperature=1.0, seed=-(2**70), max_tokens=3).choices[0].message
+    others = {_chat(client, "Pick a word", temperature=1.0, seed=s, max_tokens=12).choices[0].message.content
+              for s in (8, 9, 10)}
+    assert others - {a.choices[0].message.content}, "the seed does not change what is sampled"
+    huge = _chat(client, "Pick a word", temperature=1.0, seed=-(2**70), max_tokens=3)  # folded into range
+    assert huge.choices[0].finish_reason == "length" and huge.usage.completion_tokens == 3
 
 
 def test_stop_string(client):

@@ -130,6 +130,8 @@ class RequestStream:
                  on_event: Callable[[RequestStream, Event], None] | None = None):
         self.request = request
         self.cancelled = False
+        self._on_cancel: Callable[[RequestStream], None] | None = None
+        """Set by the engine: takes a cancelled request that is still queued out of the queue."""
         self._loop = loop
         self._on_event = on_event
         self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
@@ -147,8 +149,16 @@ class RequestStream:
             self._queue.put(event)
 
     def cancel(self) -> None:
-        """Stop generating for this request (its row leaves the batch at the next step)."""
+        """Stop generating for this request: a queued one ends now, a running row leaves the batch at
+        the next step; either way the stream ends with ``FinishEvent(finish_reason="cancelled")``."""
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def _cancelled_event(self) -> FinishEvent:
+        return FinishEvent("cancelled", "", len(self.request.prompt_ids), 0)
 
     def __iter__(self) -> Iterator[Event]:
         if self._queue is None:
