@@ -3,7 +3,10 @@ completion schemas plus ``steering``, with wrong types, extreme numbers, NaN/Inf
 surrogates and junk keys) against a live server. Every one must be answered 200 or 4xx with a
 short body, never 500, while a well-formed streamed request runs beside them and finishes.
 
-``STEERPLUG_FUZZ_EXAMPLES`` sets how many bodies (default 2000)."""
+Valid bodies of each kind are among them, and each of those must get its 200: a bug that turned a
+class of valid requests into 400s would fail here. No error body may pass 2 KB.
+
+``STEERPLUG_FUZZ_EXAMPLES`` sets how many bodies (default 3000)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from test_serve import MODEL, LiveServer, make_steered  # noqa: E402
 
 from steerplug.serve import create_app  # noqa: E402
 
-EXAMPLES = int(os.environ.get("STEERPLUG_FUZZ_EXAMPLES", "2000"))
-MAX_ERROR_BYTES = 10_000
+EXAMPLES = int(os.environ.get("STEERPLUG_FUZZ_EXAMPLES", "3000"))
+MAX_ERROR_BYTES = 2048
 
 text = st.one_of(st.text(max_size=30), st.sampled_from(["", "\ud800", "a\udfffb", "\x00", "<|im_end|>", "hi"]))
 leaf = st.one_of(st.none(), st.booleans(), st.integers(-(10 ** 20), 10 ** 20), st.integers(-3, 8),
@@ -61,6 +64,13 @@ ok_chat = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(s
 ok_completion = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": any_text
                                        | st.lists(st.integers(0, 250), min_size=1, max_size=5)}, optional=ok_common)
 
+valid_text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
+valid_chat = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system"]), "content": valid_text}), min_size=1, max_size=2)},
+    optional=ok_common)
+valid_completion = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": valid_text
+                                          | st.lists(st.integers(0, 250), min_size=1, max_size=5)}, optional=ok_common)
+
 
 def _mutate(payload: dict, key: str, junk: object, in_steering: bool) -> dict:
     out = dict(payload)
@@ -81,17 +91,20 @@ def mutated(ok: st.SearchStrategy, keys: list[str]) -> st.SearchStrategy:
 CHAT_KEYS = ["model", "messages", *common]
 COMPLETION_KEYS = ["model", "prompt", *common]
 body = st.one_of(
-    st.tuples(st.just("chat/completions"), ok_chat), st.tuples(st.just("completions"), ok_completion),
-    st.tuples(st.just("chat/completions"), mutated(ok_chat, CHAT_KEYS)),
-    st.tuples(st.just("completions"), mutated(ok_completion, COMPLETION_KEYS)),
-    st.tuples(st.just("chat/completions"), chat_body), st.tuples(st.just("completions"), completion_body),
-    st.tuples(st.sampled_from(["chat/completions", "completions"]), anything))
+    st.tuples(st.just("chat/completions"), valid_chat, st.just(True)),
+    st.tuples(st.just("completions"), valid_completion, st.just(True)),
+    *(st.tuples(*parts, st.just(False)) for parts in ((st.just("chat/completions"), ok_chat), (st.just("completions"), ok_completion),
+    (st.just("chat/completions"), mutated(ok_chat, CHAT_KEYS)),
+    (st.just("completions"), mutated(ok_completion, COMPLETION_KEYS)),
+    (st.just("chat/completions"), chat_body), (st.just("completions"), completion_body),
+    (st.sampled_from(["chat/completions", "completions"]), anything))))
 
 
 def test_fuzzed_bodies_never_500_and_a_concurrent_request_finishes():
     app = create_app(make_steered(), model_name=MODEL, max_tokens=4, default_max_tokens=2, max_batch=8,
                      max_concurrency=16, max_prompt_tokens=256, max_body_bytes=100_000)
     tried: list[int] = []
+    valid_seen: list[int] = []
     statuses: dict[int, int] = {}
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         done = threading.Event()
@@ -120,12 +133,15 @@ def test_fuzzed_bodies_never_500_and_a_concurrent_request_finishes():
                   suppress_health_check=list(HealthCheck))
         @given(body)
         def check(case):
-            path, payload = case
+            path, payload, valid = case
             raw = json.dumps(payload, allow_nan=True).encode()  # NaN/Infinity literals: Python's json accepts them
             r = client.post(path, content=raw, headers={"content-type": "application/json"})
             tried.append(1)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code == 200 or 400 <= r.status_code < 500, (payload, r.status_code, r.text[:2000])
+            if valid:
+                valid_seen.append(1)
+                assert r.status_code == 200, (payload, r.text[:2000])
             if r.status_code != 200:
                 assert len(r.content) < MAX_ERROR_BYTES, (payload, len(r.content))
                 assert r.json()["error"]["message"], r.text
@@ -139,5 +155,6 @@ def test_fuzzed_bodies_never_500_and_a_concurrent_request_finishes():
           f"well-formed streams beside them: {background.get('finished')}")
     assert "error" not in background, background["error"]
     assert background.get("finished", 0) >= 1
+    assert len(valid_seen) >= min(EXAMPLES, 1000) // 20
     assert len(tried) >= min(EXAMPLES, 1000) and statuses.get(200, 0) > 0 and sum(
         v for k, v in statuses.items() if k >= 400) > 0
