@@ -365,12 +365,12 @@ class BatchEngine:
         # answer token 1, inside any cut); the model's own default must not cut the decode steps,
         # whose CallState starts at 0.
         config = replace(steered.config, steps=max_steps, positions=positions, answer_tokens=None)
-        tracing = steered.can_steer and any(r.req.trace for r in rows)
+        want_trace = steered.can_steer and any(r.req.trace for r in rows)
         captured: dict[str, torch.Tensor] = {}
-        before = tracing.capture(steered.hook_point, "before", captured) if tracing else None
+        before = tracing.capture(steered.hook_point, "before", captured) if want_trace else None
         try:
             with steered.steering(state, config):
-                after = tracing.capture(steered.hook_point, "after", captured) if tracing else None
+                after = tracing.capture(steered.hook_point, "after", captured) if want_trace else None
                 try:
                     out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                      use_cache=True, **self._logits_kw, **{self._cache_kw: cache})
@@ -394,7 +394,7 @@ class BatchEngine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         logits = out.logits[:, -1].float()  # (B, V)
         traces: list[TokenTrace | None] = [None] * len(rows)
-        if tracing:
+        if want_trace:
             traces = tracing.traces(self.steered, rows, captured["before"], captured["after"], self.trace_top_k)
         return logits, traces
 
